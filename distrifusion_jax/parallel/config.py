@@ -1,0 +1,167 @@
+"""Parallel configuration: DistriFusion modes, the per-layer patch context, shape checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Mode names are the original's (distrifuser `--sync_mode`), plus the naive baseline.
+MODES = (
+    "full_sync",
+    "corrected_async_gn",
+    "stale_gn",
+    "sync_gn",
+    "separate_gn",
+    "no_sync",
+    "naive_patch",
+)
+NAIVE_SPLITS = ("row", "col", "alternate")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchContext:
+    """What a patch-aware layer knows: the mesh axis of the row bands, n, the mode, the phase.
+
+    A model built with `patch=None` is the plain single-device model. `displaced=False` is a
+    synchronous step (exact, fills the stale state); `displaced=True` reads last step's state.
+    """
+
+    n: int
+    axis: str = "patch"
+    mode: str = "corrected_async_gn"
+    displaced: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES or self.mode == "naive_patch":
+            raise ValueError(
+                f"PatchContext mode {self.mode!r} is not a patch-parallel mode; use one of "
+                f"{[m for m in MODES if m != 'naive_patch']} (naive_patch runs the plain model)."
+            )
+        if self.n < 1:
+            raise ValueError(f"PatchContext n={self.n} must be >= 1.")
+
+    @property
+    def sync_exchange(self) -> bool:
+        """Conv halos and attention K,V are exchanged and used in this step."""
+        return not self.displaced or self.mode == "full_sync"
+
+    @property
+    def sync_groupnorm(self) -> bool:
+        """GroupNorm statistics are exact (collective consumed in this step)."""
+        return not self.displaced or self.mode in ("full_sync", "sync_gn")
+
+    @property
+    def refresh_state(self) -> bool:
+        """Displaced layers send this step's values for the next step (False: frozen buffers)."""
+        return self.mode != "no_sync"
+
+    @property
+    def stale_groupnorm_state(self) -> bool:
+        """GroupNorm keeps gathered per-device moments across steps."""
+        return self.mode in ("corrected_async_gn", "stale_gn")
+
+    def replace(self, **kw) -> "PatchContext":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How one generation is spread over the mesh `("data", "cfg", "patch")`.
+
+    Attributes:
+      patches: n, the number of row bands (devices on the `patch` axis).
+      cfg_split: put the unconditional and conditional CFG halves on the two `cfg` groups.
+      data: devices on the `data` axis (images of one call are split over it).
+      mode: one of MODES; `naive_patch` runs the plain model on each band with no exchange.
+      naive_split: `row`, `col` or `alternate` (rows on even steps, columns on odd ones).
+      warmup_steps: w; steps 0..w are synchronous (w + 1 steps), later steps are displaced.
+    """
+
+    patches: int = 1
+    cfg_split: bool = False
+    data: int = 1
+    mode: str = "corrected_async_gn"
+    naive_split: str = "row"
+    warmup_steps: int = 4
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {list(MODES)}.")
+        if self.naive_split not in NAIVE_SPLITS:
+            raise ValueError(
+                f"unknown naive_split {self.naive_split!r}; choose one of {list(NAIVE_SPLITS)}."
+            )
+        if self.patches < 1 or self.data < 1:
+            raise ValueError(
+                f"patches={self.patches} and data={self.data} must be >= 1 (devices per axis)."
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0.")
+
+    @property
+    def cfg(self) -> int:
+        return 2 if self.cfg_split else 1
+
+    @property
+    def num_devices(self) -> int:
+        return self.data * self.cfg * self.patches
+
+    def context(self, displaced: bool) -> PatchContext | None:
+        """The PatchContext the model is built with for a sync or a displaced step."""
+        if self.patches == 1 or self.mode == "naive_patch":
+            return None
+        return PatchContext(n=self.patches, mode=self.mode, displaced=displaced)
+
+    def check_shapes(
+        self,
+        latent_hw: tuple[int, int],
+        num_downsamplers: int,
+        guidance_scale: float | None = None,
+        batch: int | None = None,
+    ) -> None:
+        """Raise ValueError naming the bad number and the fix if the shapes cannot be split.
+
+        Args:
+          latent_hw: (H_lat, W_lat), latent rows and columns.
+          num_downsamplers: stride-2 convs in the UNet (2 for SDXL, 3 for SD 1.x/2.x).
+          guidance_scale: CFG scale; cfg_split needs guidance > 1.
+          batch: images per call; must divide over the `data` axis.
+        """
+        h, w = latent_hw
+        down = 2**num_downsamplers
+        n = self.patches
+        if self.cfg_split and guidance_scale is not None and guidance_scale <= 1.0:
+            raise ValueError(
+                f"cfg_split needs classifier-free guidance (guidance_scale > 1, got "
+                f"{guidance_scale}); disable cfg_split or raise the guidance scale."
+            )
+        if batch is not None and batch % self.data:
+            raise ValueError(
+                f"batch {batch} is not divisible by the data axis size {self.data}; "
+                f"use a multiple of {self.data} images."
+            )
+        if w % down:
+            raise ValueError(
+                f"latent width {w} (image width {8 * w}) must be divisible by {down} for a UNet "
+                f"with {num_downsamplers} downsamplers; use an image width divisible by {8 * down}."
+            )
+        if self.mode == "naive_patch" and self.naive_split in ("col", "alternate"):
+            if w % (down * n):
+                raise ValueError(
+                    f"naive_patch split {self.naive_split!r} needs latent width {w} divisible by "
+                    f"{down}*n = {down * n}; change the width or the patch count."
+                )
+        if h % down:
+            raise ValueError(
+                f"latent height {h} must be divisible by {down}; use an image height divisible "
+                f"by {8 * down}."
+            )
+        if h // down < n:
+            raise ValueError(
+                f"{n} patches exceed the {h // down} rows of the smallest UNet level "
+                f"(latent height {h}); use at most {h // down} patches or a taller image."
+            )
+        if h % (down * n):
+            raise ValueError(
+                f"latent height {h} must be divisible by {down}*n = {down * n} for n={n} row "
+                f"bands; use an image height divisible by {8 * down * n}, or fewer patches."
+            )

@@ -1,0 +1,112 @@
+"""PatchConv: a 2-D convolution that, on a row band, gets its halo rows from the neighbours.
+
+Sync step: `ppermute` this step's own boundary rows to the neighbours and convolve with
+them now (exact). Displaced step: convolve with the neighbours' rows from step t-1 (state
+collection "stale") and send this step's rows for step t+1; the exchange is not read here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from distrifusion_jax.parallel.config import PatchContext
+
+Dtype = Any
+
+
+def _shift_rows(x: jax.Array, axis: str, n: int, down: bool) -> jax.Array:
+    """Send x from band j to band j+1 (down=True) or j-1; the band with no sender gets zeros."""
+    if x.shape[1] == 0:
+        return x
+    if down:
+        perm = [(j, j + 1) for j in range(n - 1)]
+    else:
+        perm = [(j + 1, j) for j in range(n - 1)]
+    return jax.lax.ppermute(x, axis, perm)
+
+
+def halo_rows(kernel: int, stride: int, pad: int, h: int) -> tuple[int, int]:
+    """Rows a band of h rows needs from above and from below for a conv along H.
+
+    The band's outputs are rows [i*h/s, (i+1)*h/s) of the image; the last one reads padded rows
+    up to (h/s - 1)*s + kernel - 1, so a stride-2 3x3 conv needs nothing from below.
+    """
+    out_h = h // stride
+    last = (out_h - 1) * stride + kernel  # exclusive end, in padded-band coordinates
+    return pad, max(0, last - (pad + h))
+
+
+class PatchConv(nn.Module):
+    """Conv2d on NHWC input `[B, H, W, C]` (H: a row band when `patch` is set).
+
+    Parameters are `kernel` `[kh, kw, C_in, C_out]` (HWIO) and `bias` `[C_out]`, as `nn.Conv`.
+    `exact=True` (conv_in) always exchanges its halo synchronously.
+    """
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    padding: int = 1
+    use_bias: bool = True
+    patch: PatchContext | None = None
+    exact: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s, p = self.kernel_size, self.stride, self.padding
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (k, k, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        x = x.astype(self.dtype)
+        ctx = self.patch
+        if ctx is None or ctx.n == 1 or k == 1:
+            pads = ((p, p), (p, p))
+        else:
+            x = self._with_halo(x, ctx)
+            pads = ((0, 0), (p, p))
+        y = jax.lax.conv_general_dilated(
+            x,
+            kernel.astype(self.dtype),
+            window_strides=(s, s),
+            padding=pads,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+    def _with_halo(self, x: jax.Array, ctx: PatchContext) -> jax.Array:
+        """Concatenate halo rows above and below the band: `[B, h, W, C] -> [B, a + h + b, W, C]`."""
+        n_above, n_below = halo_rows(self.kernel_size, self.stride, self.padding, x.shape[1])
+        top, bottom = x[:, :n_below], x[:, x.shape[1] - n_above :]
+        if self.exact or ctx.sync_exchange:
+            above = _shift_rows(bottom, ctx.axis, ctx.n, down=True)
+            below = _shift_rows(top, ctx.axis, ctx.n, down=False)
+            self._store(above, below)
+        else:
+            above = self.get_variable("stale", "above")
+            below = self.get_variable("stale", "below")
+            if ctx.refresh_state:
+                # Sent now, read in step t+1: XLA can overlap the transfer with this step.
+                self._store(
+                    _shift_rows(bottom, ctx.axis, ctx.n, down=True),
+                    _shift_rows(top, ctx.axis, ctx.n, down=False),
+                )
+        return jnp.concatenate([above.astype(x.dtype), x, below.astype(x.dtype)], axis=1)
+
+    def _store(self, above: jax.Array, below: jax.Array) -> None:
+        if self.exact:
+            return  # conv_in never reads stale rows; keep no state for it
+        if self.is_mutable_collection("stale"):
+            self.put_variable("stale", "above", above)
+            self.put_variable("stale", "below", below)
