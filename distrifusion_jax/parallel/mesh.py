@@ -1,0 +1,56 @@
+"""The device mesh `("data", "cfg", "patch")` and multi-host start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from distrifusion_jax.parallel.config import ParallelConfig
+
+# `patch` is innermost: consecutive devices (the fastest links, e.g. NVLink within a node)
+# carry the per-layer halo and K,V exchange; `cfg` meets once per step, `data` never.
+AXES = ("data", "cfg", "patch")
+
+
+def make_mesh(parallel: ParallelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh of shape `(data, cfg, patch)` over `devices` (default: all global devices).
+
+    With fewer axis slots than devices the first `parallel.num_devices` devices are used
+    (single process only: a multi-process mesh must cover every process's devices).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    need = parallel.num_devices
+    if need > len(devices):
+        raise ValueError(
+            f"the parallel config needs {need} devices (data={parallel.data} x cfg="
+            f"{parallel.cfg} x patch={parallel.patches}) but {len(devices)} are available; "
+            f"lower --patches/--data or disable cfg split."
+        )
+    if need < len(devices) and jax.process_count() > 1:
+        raise ValueError(
+            f"the parallel config uses {need} of {len(devices)} devices across "
+            f"{jax.process_count()} processes; a multi-process mesh must use them all."
+        )
+    grid = np.array(devices[:need], dtype=object).reshape(parallel.data, parallel.cfg, parallel.patches)
+    return Mesh(grid, AXES)
+
+
+def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Join a multi-process run (`jax.distributed`); call before any other JAX use.
+
+    Args:
+      coordinator: `HOST:PORT` of process 0.
+      num_processes: processes in the run.
+      process_id: this process's index, 0 .. num_processes - 1.
+    """
+    if not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"process id {process_id} is outside 0..{num_processes - 1}; give each process a "
+            f"distinct --process-id below --num-processes."
+        )
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )

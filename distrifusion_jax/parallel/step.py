@@ -1,0 +1,138 @@
+"""The denoising step under `shard_map`: the only place that writes partition specs.
+
+Per device, `local_eps` runs the UNet on the device's row band `[B_l, H/n, W, C]` of the
+latent, with the stale state of the previous step as input, and returns the guided noise
+prediction of the band and the new state. `make_step` wraps one step for callers that hold
+global arrays (tests, benchmarks); `sampling/sample.py` wraps the whole loop the same way.
+
+Conditioning `cond` is a dict of arrays with a leading CFG axis G (1 without guidance,
+2 = (unconditional, conditional) with guidance) and then the batch:
+`encoder_hidden_states [G, B, S, D]`, optional `text_embeds [G, B, P]`, `time_ids [G, B, 6]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from distrifusion_jax.parallel.config import ParallelConfig
+from distrifusion_jax.parallel.mesh import AXES
+
+State = dict[str, Any]
+Cond = dict[str, jax.Array]
+
+
+def tracks_state(parallel: ParallelConfig) -> bool:
+    """Whether steps carry stale buffers (every displaced mode; not full_sync or naive)."""
+    return parallel.context(False) is not None and parallel.mode != "full_sync"
+
+
+def local_eps(
+    model: nn.Module,
+    params: Any,
+    stale: State,
+    x: jax.Array,
+    t: jax.Array,
+    cond: Cond,
+    guidance_scale: jax.Array | float,
+    parallel: ParallelConfig,
+    displaced: bool,
+) -> tuple[jax.Array, State]:
+    """Guided noise prediction of this device's band. Runs inside shard_map.
+
+    Args:
+      model: the UNet module (its `patch` field is replaced for this step).
+      stale: last step's state (`{}` before the first synchronous step).
+      x: `[B_l, h, W, C]` latent band (already scaled for the model input).
+      t: scalar timestep.
+      cond: local conditioning, leading axes `[G_l, B_l]`.
+      guidance_scale: CFG scale (used when G = 2).
+      displaced: False for a synchronous step.
+
+    Returns:
+      eps `[B_l, h, W, C]` and the new state.
+    """
+    ctx = parallel.context(displaced)
+    ehs = cond["encoder_hidden_states"]
+    g_local = ehs.shape[0]
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  [G, B, ...] -> [G*B, ...]
+    added = {k: flat(cond[k]) for k in ("text_embeds", "time_ids") if k in cond} or None
+    xin = jnp.concatenate([x] * g_local, axis=0)
+    tt = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (xin.shape[0],))
+    module = model.clone(patch=ctx)
+    variables = {"params": params}
+    if stale:
+        variables["stale"] = stale
+    if tracks_state(parallel):
+        out, updates = module.apply(variables, xin, tt, flat(ehs), added, mutable=["stale"])
+        stale = dict(updates["stale"])
+    else:
+        out = module.apply(variables, xin, tt, flat(ehs), added)
+    out = out.reshape((g_local, -1) + out.shape[1:]).astype(jnp.float32)
+    if parallel.cfg_split:
+        out = jax.lax.all_gather(out[0], "cfg")  # the two CFG halves meet: [2, B_l, h, W, C]
+    if out.shape[0] == 2:
+        return out[0] + guidance_scale * (out[1] - out[0]), stale
+    return out[0], stale
+
+
+def cond_spec(parallel: ParallelConfig) -> P:
+    """Conditioning arrays `[G, B, ...]`: G over `cfg` when split, B over `data`."""
+    return P("cfg" if parallel.cfg_split else None, "data")
+
+
+def latent_spec(split: str = "row") -> P:
+    """Latents `[B, H, W, C]`: B over `data`, rows (or columns) over `patch`."""
+    return P("data", "patch") if split == "row" else P("data", None, "patch")
+
+
+STATE_SPEC = P(AXES)  # every state leaf has a leading axis with one slot per device
+
+
+def make_step(
+    model: nn.Module,
+    parallel: ParallelConfig,
+    mesh: Mesh,
+    displaced: bool,
+) -> Callable[..., tuple[jax.Array, State]]:
+    """A jitted global step `(params, state, latents, t, cond, guidance_scale) -> (eps, state)`.
+
+    `latents`/`eps` are `[B, H, W, C]` sharded by rows over `patch`; `state` leaves carry a
+    leading device axis `[data*cfg*patch, ...]` (pass `{}` to the first synchronous step).
+    For `naive_patch` with split `col` the latents are split by columns; `alternate` is a
+    sampler-level schedule (use `row`/`col` steps).
+    """
+    split = parallel.naive_split if parallel.mode == "naive_patch" else "row"
+    if split == "alternate":
+        raise ValueError("make_step runs one split; build 'row' and 'col' steps for alternate.")
+
+    def body(params, state, x, t, cond, g):
+        stale = jax.tree.map(lambda a: a[0], state)
+        eps, stale = local_eps(model, params, stale, x, t, cond, g, parallel, displaced)
+        return eps, jax.tree.map(lambda a: a[None], stale)
+
+    @jax.jit
+    def step(params, state, latents, t, cond, guidance_scale=1.0):
+        spec_x = latent_spec(split)
+        fn = jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(P(), STATE_SPEC, spec_x, P(), cond_spec(parallel), P()),
+            out_specs=(spec_x, STATE_SPEC),
+            check_vma=False,
+        )
+        return fn(params, state, latents, t, cond, guidance_scale)
+
+    return step
+
+
+def state_bytes(state: State) -> int:
+    """Bytes of stale state held by ONE device (leaves carry a leading device axis)."""
+    return sum(a.size // a.shape[0] * a.dtype.itemsize for a in jax.tree.leaves(state))
+

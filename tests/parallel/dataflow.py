@@ -1,0 +1,60 @@
+"""Which collectives can reach which outputs of a jaxpr (for the overlap-safety tests)."""
+
+from __future__ import annotations
+
+import itertools
+
+from jax.extend import core
+
+COLLECTIVES = ("ppermute", "all_gather", "psum", "all_to_all", "reduce_scatter", "psum_scatter")
+
+_ids = itertools.count()
+
+
+def _sub_jaxprs(eqn):
+    for v in eqn.params.values():
+        for item in v if isinstance(v, (tuple, list)) else (v,):
+            if isinstance(item, core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, core.Jaxpr):
+                yield item
+
+
+def collective_taint(jaxpr, in_labels=None, found=None):
+    """Propagate, for every variable, the set of collective equations it depends on.
+
+    Returns (labels of each outvar, {label: primitive name} of every collective seen).
+    Sub-jaxprs whose inputs line up with the equation's are followed exactly; others
+    (loops, conds) are over-approximated: every output depends on every input and on every
+    collective inside. Over-approximation can only make the test stricter.
+    """
+    found = {} if found is None else found
+    env = {}
+    in_labels = in_labels or [frozenset()] * len(jaxpr.invars)
+    for v, lab in zip(jaxpr.invars, in_labels):
+        env[v] = lab
+    read = lambda v: env.get(v, frozenset()) if not isinstance(v, core.Literal) else frozenset()  # noqa: E731
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        union = frozenset().union(*ins) if ins else frozenset()
+        subs = list(_sub_jaxprs(eqn))
+        if eqn.primitive.name in COLLECTIVES:
+            label = next(_ids)
+            found[label] = eqn.primitive.name
+            outs = [union | {label}] * len(eqn.outvars)
+        elif len(subs) == 1 and len(subs[0].invars) == len(eqn.invars) and len(
+            subs[0].outvars
+        ) == len(eqn.outvars):
+            outs, _ = collective_taint(subs[0], ins, found)
+        elif subs:
+            inner = frozenset()
+            for sub in subs:
+                before = set(found)
+                collective_taint(sub, None, found)
+                inner |= set(found) - before  # any collective inside may reach any output
+            outs = [union | inner] * len(eqn.outvars)
+        else:
+            outs = [union] * len(eqn.outvars)
+        for v, lab in zip(eqn.outvars, outs):
+            env[v] = lab
+    return [read(v) for v in jaxpr.outvars], found

@@ -1,0 +1,71 @@
+"""In a displaced step no collective's result may be read in the step that issued it (only the
+exact conv_in halo and the CFG meeting are), so XLA can overlap every exchange with compute."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distrifusion_jax.parallel import ParallelConfig
+from distrifusion_jax.parallel.mesh import make_mesh
+from distrifusion_jax.parallel.step import make_step
+from tests.parallel.dataflow import collective_taint
+from tests.parallel.test_layers import toy  # noqa: F401  (fixture)
+
+ASYNC_MODES = ["corrected_async_gn", "stale_gn", "separate_gn"]
+
+
+def eps_collectives(step, *args):
+    """Primitive names of the collectives that the eps output depends on."""
+    closed = jax.make_jaxpr(step)(*args)
+    labels, found = collective_taint(closed.jaxpr)
+    eps_labels = labels[0]
+    return sorted(found[k] for k in eps_labels), found
+
+
+@pytest.mark.parametrize("mode", ASYNC_MODES)
+@pytest.mark.parametrize("cfg_split", [False, True])
+def test_displaced_collectives_reach_only_state(toy, mode, cfg_split):  # noqa: F811
+    model, params, x, cond = toy
+    pc = ParallelConfig(patches=4, mode=mode, cfg_split=cfg_split)
+    mesh = make_mesh(pc)
+    t = jnp.float32(500.0)
+    _, state = make_step(model, pc, mesh, False)(params, {}, x, t, cond, 3.0)
+    into_eps, found = eps_collectives(make_step(model, pc, mesh, True), params, state, x, t, cond, 3.0)
+    # conv_in's exact one-row halo (above, below) and the CFG meeting; nothing else.
+    allowed = ["ppermute", "ppermute"] + (["all_gather"] if cfg_split else [])
+    assert into_eps == sorted(allowed), into_eps
+    assert len(found) > len(allowed)  # the layers do exchange (into the state)
+
+
+def test_sync_step_reads_its_exchanges(toy):  # noqa: F811
+    """The walk can fail: in a synchronous step the layer collectives do reach eps."""
+    model, params, x, cond = toy
+    pc = ParallelConfig(patches=4)
+    step = make_step(model, pc, make_mesh(pc), False)
+    into_eps, _ = eps_collectives(step, params, {}, x, jnp.float32(500.0), cond, 3.0)
+    assert len(into_eps) > 2
+
+
+@pytest.mark.parametrize("displaced", [False, True])
+def test_band_perturbation(toy, displaced):  # noqa: F811
+    """Hold the stale state fixed, perturb the middle rows of band 1: in a displaced step every
+    other band's eps is bit-identical; in a sync step it changes."""
+    model, params, x, cond = toy
+    n = 4
+    pc = ParallelConfig(patches=n, mode="corrected_async_gn")
+    mesh = make_mesh(pc)
+    t = jnp.float32(500.0)
+    _, state = make_step(model, pc, mesh, False)(params, {}, x, t, cond, 3.0)
+    step = make_step(model, pc, mesh, displaced)
+    h = x.shape[1] // n
+    x2 = x.at[:, h + 2 : 2 * h - 2].add(1.0)  # rows away from band 1's edges (conv_in is exact)
+    e1, _ = step(params, state, x, t, cond, 3.0)
+    e2, _ = step(params, state, x2, t, cond, 3.0)
+    e1, e2 = np.asarray(e1), np.asarray(e2)
+    others = np.r_[0:h, 2 * h : n * h]
+    assert not np.array_equal(e1[:, h : 2 * h], e2[:, h : 2 * h])
+    if displaced:
+        np.testing.assert_array_equal(e1[:, others], e2[:, others])
+    else:
+        assert not np.array_equal(e1[:, others], e2[:, others])
