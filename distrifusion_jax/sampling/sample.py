@@ -1,13 +1,18 @@
-"""The jit-compiled sampling loop: one `shard_map` around the whole denoising trajectory.
+"""Sampling drivers over one per-device denoising step.
 
-Each device carries `(latent band, scheduler state, stale state)` through two `lax.scan`s:
-steps 0..w are synchronous (they fill the stale state), steps w+1..T-1 are displaced. The
-latent stays sharded by rows for the whole loop; the caller's output array is the gathered
-image latent. The loop does not care which scheduler drives it (see `sampling/schedule.py`).
+Each device carries `(latent band, scheduler state, stale state)`: steps 0..w are synchronous
+(they fill the stale state), steps w+1..T-1 are displaced. The latent stays sharded by rows
+for the whole trajectory and is gathered once at the end. Two drivers share the step:
+- `make_sampler`: the whole loop in one jit (`lax.scan`s inside one `shard_map`); a pure
+  function of (params, noise, cond, guidance_scale, key) for research code.
+- `make_stepper`: `init`/`step`/`finish` jitted separately, for a Python loop with a progress
+  bar; the carry lives between calls as global arrays with a leading device axis.
+The loop does not care which scheduler drives it (interface: `sampling/schedule.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +23,10 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from distrifusion_jax.parallel.config import ParallelConfig
-from distrifusion_jax.parallel.step import cond_spec, latent_spec, local_eps
+from distrifusion_jax.parallel.step import STATE_SPEC, cond_spec, latent_spec, local_eps
 
 Cond = dict[str, jax.Array]
+Carry = tuple[jax.Array, Any, dict]  # (latent band, scheduler state, stale state)
 
 
 def _noise_slice(key: jax.Array, i: jax.Array, local_shape, axes: dict[str, int]) -> jax.Array:
@@ -31,11 +37,77 @@ def _noise_slice(key: jax.Array, i: jax.Array, local_shape, axes: dict[str, int]
     full = list(local_shape)
     starts = [0] * len(local_shape)
     for name, dim in axes.items():
-        size = jax.lax.axis_size(name)
-        full[dim] *= size
+        full[dim] *= jax.lax.axis_size(name)
         starts[dim] = jax.lax.axis_index(name) * local_shape[dim]
     noise = jax.random.normal(jax.random.fold_in(key, i), tuple(full), jnp.float32)
     return jax.lax.dynamic_slice(noise, starts, local_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalLoop:
+    """The per-device pieces of a trajectory (run inside shard_map)."""
+
+    model: nn.Module
+    scheduler: Any
+    schedule: Any
+    parallel: ParallelConfig
+
+    @property
+    def naive(self) -> bool:
+        return self.parallel.mode == "naive_patch"
+
+    @property
+    def latent_spec(self) -> P:
+        # Naive patch keeps the whole latent on every device and splits per step.
+        return P("data") if self.naive else latent_spec("row")
+
+    def init(self, x: jax.Array) -> Carry:
+        """Unit noise band `[B_l, h, W, C]` -> the carry before step 0."""
+        ss = self.scheduler.init_state(self.schedule, x.shape)
+        return x.astype(jnp.float32) * self.scheduler.init_noise_sigma(self.schedule), ss, {}
+
+    def step(self, params, carry: Carry, i, cond: Cond, g, key, displaced: bool) -> Carry:
+        """Denoising step i (synchronous or displaced) on this device's band."""
+        x, ss, stale = carry
+        xin = self.scheduler.scale_model_input(self.schedule, ss, x)
+        eps, stale = self._predict(params, stale, xin, i, cond, g, displaced)
+        noise = None
+        if self.scheduler.needs_noise:
+            axes = {"data": 0} if self.naive else {"data": 0, "patch": 1}
+            noise = _noise_slice(key, i, x.shape, axes)
+        x, ss = self.scheduler.step(self.schedule, ss, eps, x, noise)
+        return x, ss, stale
+
+    def _predict(self, params, stale, x, i, cond, g, displaced):
+        t = self.schedule.timesteps[i]
+        pc = self.parallel
+        if not self.naive:
+            return local_eps(self.model, params, stale, x, t, cond, g, pc, displaced)
+        # Naive patch: the plain model on one band (rows, or columns; `alternate` switches
+        # every step), then the bands are gathered. No other exchange.
+        j = jax.lax.axis_index("patch")
+
+        def on(axis):
+            size = x.shape[axis] // pc.patches
+            band = jax.lax.dynamic_slice_in_dim(x, j * size, size, axis)
+            eps, _ = local_eps(self.model, params, {}, band, t, cond, g, pc, False)
+            return jax.lax.all_gather(eps, "patch", axis=axis, tiled=True)
+
+        if pc.naive_split == "alternate":
+            return jax.lax.cond(i % 2 == 0, lambda: on(1), lambda: on(2)), stale
+        return on(1 if pc.naive_split == "row" else 2), stale
+
+
+def _checks(loop: LocalLoop, noise_shape, cond: Cond) -> None:
+    pc = loop.parallel
+    num_down = getattr(getattr(loop.model, "config", None), "num_downsamplers", None)
+    if num_down is not None:
+        pc.check_shapes(noise_shape[1:3], num_down, batch=noise_shape[0])
+    if pc.cfg_split and cond["encoder_hidden_states"].shape[0] != 2:
+        raise ValueError(
+            "cfg_split needs classifier-free guidance: pass (unconditional, conditional) "
+            "conditioning with a leading axis of 2, or disable cfg_split."
+        )
 
 
 def make_sampler(
@@ -45,86 +117,115 @@ def make_sampler(
     parallel: ParallelConfig,
     mesh: Mesh,
 ) -> Callable[..., jax.Array]:
-    """Build `sample(params, noise, cond, guidance_scale, key) -> latents`, a pure jit-able function.
+    """Build `sample(params, noise, cond, guidance_scale, key) -> latents`, pure and jit-ed.
 
     Args:
-      model: the UNet module (patch context is set per phase).
-      scheduler: a scheduler from `distrifusion_jax.sampling` (`set_timesteps`, `step`, ...).
+      model: the UNet module (its patch context is set per phase).
+      scheduler: a scheduler from `distrifusion_jax.sampling`.
       num_inference_steps: T.
-      parallel: mesh layout, mode and warm-up.
+      parallel: mesh layout, mode and warm-up (steps 0..w synchronous).
       mesh: from `parallel.mesh.make_mesh(parallel)`.
 
-    The returned function takes `noise [B, H, W, C]` (unit Gaussian, fp32), `cond` (leading
-    `[G, B]`, G = 2 with guidance), a traced `guidance_scale`, and a PRNG `key` for ancestral
-    noise; it returns the final latents `[B, H, W, C]` (fp32).
+    The returned function takes `noise [B, H, W, C]` (unit Gaussian), `cond` (leading `[G, B]`,
+    G = 2 with guidance), a traced `guidance_scale` and a PRNG `key` (ancestral noise); it
+    returns the final latents `[B, H, W, C]` (fp32). One compile serves every prompt and seed.
     """
-    schedule = scheduler.set_timesteps(num_inference_steps)
-    steps = num_inference_steps
-    warm = min(parallel.warmup_steps, steps - 1)  # steps 0..warm are synchronous
-    naive = parallel.mode == "naive_patch"
-    n = parallel.patches
-
-    def predict(params, stale, x, i, cond, g, displaced):
-        t = schedule.timesteps[i]
-        if not naive:
-            return local_eps(model, params, stale, x, t, cond, g, parallel, displaced)
-        # Naive patch: the latent is whole on every device; run the plain model on one band
-        # (rows, or columns; `alternate` switches every step) and gather the bands.
-        j = jax.lax.axis_index("patch")
-
-        def on(axis):
-            size = x.shape[axis] // n
-            band = jax.lax.dynamic_slice_in_dim(x, j * size, size, axis)
-            eps, _ = local_eps(model, params, {}, band, t, cond, g, parallel, False)
-            return jax.lax.all_gather(eps, "patch", axis=axis, tiled=True)
-
-        if parallel.naive_split == "alternate":
-            return jax.lax.cond(i % 2 == 0, lambda: on(1), lambda: on(2)), stale
-        return on(1 if parallel.naive_split == "row" else 2), stale
+    loop = LocalLoop(model, scheduler, scheduler.set_timesteps(num_inference_steps), parallel)
+    warm = min(parallel.warmup_steps, num_inference_steps - 1)
 
     def body(params, x, cond, g, key):
-        sched_state = scheduler.init_state(schedule, x.shape)
-        x = x.astype(jnp.float32) * scheduler.init_noise_sigma(schedule)
-        noise_axes = {"data": 0} if naive else {"data": 0, "patch": 1}
-
         def phase(displaced):
-            def one(carry, i):
-                x, ss, stale = carry
-                xin = scheduler.scale_model_input(schedule, ss, x)
-                eps, stale = predict(params, stale, xin, i, cond, g, displaced)
-                noise = _noise_slice(key, i, x.shape, noise_axes) if scheduler.needs_noise else None
-                x, ss = scheduler.step(schedule, ss, eps, x, noise)
-                return (x, ss, stale), None
+            return lambda c, i: (loop.step(params, c, i, cond, g, key, displaced), None)
 
-            return one
-
-        carry, _ = phase(False)((x, sched_state, {}), jnp.int32(0))  # creates the stale state
+        carry = loop.step(params, loop.init(x), jnp.int32(0), cond, g, key, False)
         if warm >= 1:
             carry, _ = jax.lax.scan(phase(False), carry, jnp.arange(1, warm + 1))
-        if steps > warm + 1:
-            carry, _ = jax.lax.scan(phase(True), carry, jnp.arange(warm + 1, steps))
+        if num_inference_steps > warm + 1:
+            carry, _ = jax.lax.scan(phase(True), carry, jnp.arange(warm + 1, num_inference_steps))
         return carry[0]
 
-    spec_x = P("data") if naive else latent_spec("row")
     sharded = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(P(), spec_x, cond_spec(parallel), P(), P()),
-        out_specs=spec_x,
+        in_specs=(P(), loop.latent_spec, cond_spec(parallel), P(), P()),
+        out_specs=loop.latent_spec,
         check_vma=False,
     )
-    num_down = getattr(getattr(model, "config", None), "num_downsamplers", None)
 
     @jax.jit
     def sample(params, noise, cond, guidance_scale=5.0, key=None):
-        if num_down is not None:
-            parallel.check_shapes(noise.shape[1:3], num_down, batch=noise.shape[0])
-        if parallel.cfg_split and cond["encoder_hidden_states"].shape[0] != 2:
-            raise ValueError(
-                "cfg_split needs classifier-free guidance: pass (unconditional, conditional) "
-                "conditioning with a leading axis of 2, or disable cfg_split."
-            )
+        _checks(loop, noise.shape, cond)
         key = jax.random.PRNGKey(0) if key is None else key
         return sharded(params, noise, cond, jnp.asarray(guidance_scale, jnp.float32), key)
 
     return sample
+
+
+@dataclasses.dataclass(frozen=True)
+class Stepper:
+    """The same trajectory as `make_sampler`, one jitted call per step (see `run`)."""
+
+    first: Callable[..., Any]  # (params, noise, cond, g, key) -> carry after step 0
+    sync: Callable[..., Any]  # (params, carry, i, cond, g, key) -> carry
+    displaced: Callable[..., Any]
+    finish: Callable[..., jax.Array]  # carry -> latents [B, H, W, C]
+    num_steps: int
+    warmup_steps: int
+
+    def run(self, params, noise, cond, guidance_scale, key, progress=iter) -> jax.Array:
+        """All steps; `progress` wraps the step range (e.g. `tqdm.tqdm`)."""
+        g = jnp.float32(guidance_scale)
+        carry = None
+        for i in progress(range(self.num_steps)):
+            if i == 0:
+                carry = self.first(params, noise, cond, g, key)
+            else:
+                fn = self.sync if i <= self.warmup_steps else self.displaced
+                carry = fn(params, carry, jnp.int32(i), cond, g, key)
+        return self.finish(carry)
+
+
+def make_stepper(
+    model: nn.Module,
+    scheduler: Any,
+    num_inference_steps: int,
+    parallel: ParallelConfig,
+    mesh: Mesh,
+) -> Stepper:
+    """A step-at-a-time driver (for progress bars); equal to `make_sampler`'s trajectory.
+
+    Between calls every carry leaf has a leading device axis `[data*cfg*patch, ...]`.
+    """
+    loop = LocalLoop(model, scheduler, scheduler.set_timesteps(num_inference_steps), parallel)
+    add = lambda tree: jax.tree.map(lambda a: a[None], tree)  # noqa: E731
+    drop = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
+    cspec = cond_spec(parallel)
+
+    def shard(f, in_specs, out_specs):
+        return jax.jit(
+            jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+        )
+
+    def first(params, x, cond, g, key):
+        return add(loop.step(params, loop.init(x), jnp.int32(0), cond, g, key, False))
+
+    def later(displaced):
+        def f(params, carry, i, cond, g, key):
+            return add(loop.step(params, drop(carry), i, cond, g, key, displaced))
+
+        return shard(f, (P(), STATE_SPEC, P(), cspec, P(), P()), STATE_SPEC)
+
+    first_jit = shard(first, (P(), loop.latent_spec, cspec, P(), P()), STATE_SPEC)
+
+    def checked_first(params, noise, cond, g, key):
+        _checks(loop, noise.shape, cond)
+        return first_jit(params, noise, cond, g, key)
+
+    return Stepper(
+        first=checked_first,
+        sync=later(False),
+        displaced=later(True),
+        finish=shard(lambda carry: drop(carry)[0], (STATE_SPEC,), loop.latent_spec),
+        num_steps=num_inference_steps,
+        warmup_steps=min(parallel.warmup_steps, num_inference_steps - 1),
+    )

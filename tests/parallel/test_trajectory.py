@@ -58,3 +58,21 @@ def test_displaced_close_naive_far(toy):  # noqa: F811
     }
     print(errs)
     assert errs["corrected_async_gn"] < 0.5 * errs["naive_patch"]
+
+
+@pytest.mark.parametrize(
+    "pc",
+    [ParallelConfig(patches=4, mode="corrected_async_gn", warmup_steps=2),
+     ParallelConfig(patches=4, mode="naive_patch", naive_split="alternate")],
+    ids=str,
+)
+def test_stepper_equals_sampler(toy, pc):  # noqa: F811
+    from distrifusion_jax.sampling.sample import make_stepper
+
+    model, params, x, cond = toy
+    sched = scheduler_from_config(SDXL_SCHEDULER, "euler_a")
+    key = jax.random.PRNGKey(1)
+    stepper = make_stepper(model, sched, 6, pc, make_mesh(pc))
+    got = np.asarray(stepper.run(params, x, cond, 1.5, key))
+    want = np.asarray(make_sampler(model, sched, 6, pc, make_mesh(pc))(params, x, cond, 1.5, key))
+    assert rel_err(got, want) <= 1e-6
