@@ -54,3 +54,28 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
     jax.distributed.initialize(
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
     )
+
+
+def to_global(tree, mesh: Mesh, spec) -> object:
+    """Place host values (identical on every process) as global arrays with `spec`.
+
+    Works on one process and on many: each process materialises only its addressable shards.
+    """
+    from jax.sharding import NamedSharding
+
+    sharding = NamedSharding(mesh, spec)
+
+    def put(a):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) global array, on every process."""
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

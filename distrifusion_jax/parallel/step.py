@@ -136,3 +136,21 @@ def state_bytes(state: State) -> int:
     """Bytes of stale state held by ONE device (leaves carry a leading device axis)."""
     return sum(a.size // a.shape[0] * a.dtype.itemsize for a in jax.tree.leaves(state))
 
+
+
+def make_decode(vae: nn.Module, parallel: ParallelConfig, mesh: Mesh) -> Callable[..., jax.Array]:
+    """A jitted VAE decode on row bands: `(params, latents [B, h, w, C]) -> image [B, H, W, 3]`.
+
+    The decoder runs exactly (`full_sync`) on the `patch` axis: halo rows and GroupNorm
+    statistics are exchanged in place, so the image equals the single-device decode.
+    """
+    ctx = ParallelConfig(patches=parallel.patches, mode="full_sync").context(False)
+    module = vae.clone(patch=ctx)
+    spec = latent_spec("row")
+
+    def body(params, z):
+        return module.apply({"params": params}, z, method=module.decode)
+
+    return jax.jit(
+        jax.shard_map(body, mesh=mesh, in_specs=(P(), spec), out_specs=spec, check_vma=False)
+    )

@@ -13,6 +13,7 @@ The loop does not care which scheduler drives it (interface: `sampling/schedule.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -172,16 +173,21 @@ class Stepper:
     num_steps: int
     warmup_steps: int
 
-    def run(self, params, noise, cond, guidance_scale, key, progress=iter) -> jax.Array:
-        """All steps; `progress` wraps the step range (e.g. `tqdm.tqdm`)."""
+    def run(self, params, noise, cond, guidance_scale, key, progress=iter, times=None):
+        """All steps; `progress` wraps the step range (e.g. `tqdm.tqdm`). With a `times` list,
+        each step is waited for and its wall time (s) appended (the first calls compile)."""
         g = jnp.float32(guidance_scale)
         carry = None
         for i in progress(range(self.num_steps)):
+            t = time.perf_counter()
             if i == 0:
                 carry = self.first(params, noise, cond, g, key)
             else:
                 fn = self.sync if i <= self.warmup_steps else self.displaced
                 carry = fn(params, carry, jnp.int32(i), cond, g, key)
+            if times is not None:
+                jax.block_until_ready(carry)
+                times.append(time.perf_counter() - t)
         return self.finish(carry)
 
 

@@ -1,0 +1,250 @@
+"""Text -> image: tokenize, encode, sample on the mesh, decode on row bands.
+
+    pipe = DistriSDXLPipeline.from_pretrained("path/to/sdxl", parallel=ParallelConfig(patches=8))
+    images = pipe("an astronaut riding a horse", num_inference_steps=50)
+
+Works for SDXL (two text encoders, micro-conditioning) and SD 1.x/2.x (one encoder) folders,
+diffusers-format or converted (`python -m convert`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from distrifusion_jax.checkpoint import load_component
+from distrifusion_jax.parallel.config import ParallelConfig
+from distrifusion_jax.parallel.mesh import make_mesh, to_global, to_host
+from distrifusion_jax.parallel.step import cond_spec, latent_spec, make_decode
+from distrifusion_jax.prompt import TextEncoder, encode_prompts
+from distrifusion_jax.sampling import scheduler_from_config
+from distrifusion_jax.sampling.sample import make_sampler, make_stepper
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+@dataclasses.dataclass
+class Timings:
+    """Seconds spent in the last call (compile time is included in `first_call`)."""
+
+    encode: float = 0.0
+    denoise: float = 0.0
+    decode: float = 0.0
+    step_times: list[float] = dataclasses.field(default_factory=list)
+
+    def steady_step(self) -> float:
+        """Median step time over steps that did not compile (NaN if none)."""
+        s = self.step_times
+        return float(np.median(s[2:])) if len(s) > 2 else float("nan")
+
+
+@dataclasses.dataclass
+class DistriSDXLPipeline:
+    """A loaded model spread over a mesh. Build with `from_pretrained`."""
+
+    unet: Any
+    unet_params: Any
+    vae: Any
+    vae_params: Any
+    encoders: list[TextEncoder]
+    scheduler_config: dict
+    parallel: ParallelConfig
+    mesh: Any
+    force_zeros_for_empty_prompt: bool = True
+    timings: Timings = dataclasses.field(default_factory=Timings)
+    _compiled: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        parallel: ParallelConfig | None = None,
+        dtype: Any = jnp.float32,
+        mesh: Any = None,
+        **load_kw: Any,
+    ) -> "DistriSDXLPipeline":
+        """Load every component of a diffusers or converted folder.
+
+        Args:
+          path: model root with `unet/`, `vae/`, `text_encoder/` (+ `text_encoder_2/` for SDXL),
+            `tokenizer/` (+ `tokenizer_2/`), `scheduler/`.
+          parallel: mesh layout and DistriFusion mode (default: one device).
+          dtype: params and activations of the UNet and text encoders (the VAE stays fp32 when
+            its config says `force_upcast` and dtype is float16).
+          mesh: an existing mesh (default `make_mesh(parallel)`).
+          load_kw: passed to `load_component` (e.g. `variant="fp16"`).
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"model folder {root} does not exist; pass a diffusers or converted model folder"
+            )
+        for need in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if not (root / need).is_dir():
+                raise FileNotFoundError(
+                    f"{root} has no {need}/ folder; pass a full diffusers or converted model root"
+                )
+        parallel = parallel or ParallelConfig()
+        unet, unet_params = load_component(root, "unet", dtype, **load_kw)
+        vae_dtype = jnp.float32 if dtype == jnp.float16 else dtype
+        vae, vae_params = load_component(root, "vae", vae_dtype, **load_kw)
+        encoders = []
+        for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            if (root / enc).is_dir():
+                module, params = load_component(root, enc, dtype, **load_kw)
+                encoders.append(TextEncoder(_load_tokenizer(root / tok), module, params))
+        sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        index_path = root / "model_index.json"
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        mesh = mesh if mesh is not None else make_mesh(parallel)
+        return cls(
+            unet=unet,
+            unet_params=to_global(unet_params, mesh, P()),
+            vae=vae,
+            vae_params=to_global(vae_params, mesh, P()),
+            encoders=encoders,
+            scheduler_config=sched,
+            parallel=parallel,
+            mesh=mesh,
+            force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+        )
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.unet.config.addition_embed_type == "text_time"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    @property
+    def default_size(self) -> int:
+        """Pixels per side the UNet was trained at (diffusers: sample_size * VAE factor)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def scheduler(self, name: str | None = None):
+        return scheduler_from_config(self.scheduler_config, name)
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        seed: int = 0,
+        scheduler: str | None = None,
+        num_images: int = 1,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        progress: Callable | None = None,
+    ) -> list[Image.Image]:
+        """Generate `num_images` images per prompt; returns PIL images (on every process).
+
+        `progress` (e.g. `tqdm.tqdm`) switches to the step-at-a-time driver and records
+        per-step times in `self.timings`; otherwise the whole loop is one jit call.
+        """
+        latents = self.generate_latents(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, seed,
+            scheduler, num_images, original_size, crops_coords_top_left, target_size, progress,
+        )
+        return self.decode(latents)
+
+    def generate_latents(
+        self, prompt, negative_prompt=None, height=None, width=None, num_inference_steps=50,
+        guidance_scale=5.0, seed=0, scheduler=None, num_images=1, original_size=None,
+        crops_coords_top_left=(0, 0), target_size=None, progress=None,
+    ) -> jax.Array:
+        """Like `__call__` but returns the final latents `[B, h, w, C]` (a global array)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images)]
+        negs = negative_prompt
+        if negs is not None:
+            negs = [negs] if isinstance(negs, str) else list(negs)
+            negs = [n for n in negs for _ in range(num_images)]
+            if len(negs) != len(prompts):
+                raise ValueError(
+                    f"{len(negs) // num_images} negative prompts for "
+                    f"{len(prompts) // num_images} prompts; give one per prompt or a single one."
+                )
+        height = height or self.default_size
+        width = width or self.default_size
+        f = self.vae_scale_factor
+        if height % f or width % f:
+            raise ValueError(
+                f"height {height} and width {width} must be multiples of the VAE factor {f}."
+            )
+        guided = guidance_scale > 1.0
+        pc = self.parallel
+        if pc.cfg_split and not guided:
+            raise ValueError(
+                f"cfg_split needs guidance_scale > 1 (got {guidance_scale}); disable cfg split."
+            )
+        lat_shape = (len(prompts), height // f, width // f, self.unet.config.in_channels)
+        pc.check_shapes(lat_shape[1:3], self.unet.config.num_downsamplers, batch=lat_shape[0])
+        sched = self.scheduler(scheduler)
+
+        t0 = time.perf_counter()
+        time_ids = None
+        if self.is_sdxl:
+            time_ids = [*(original_size or (height, width)), *crops_coords_top_left,
+                        *(target_size or (height, width))]
+        cond = encode_prompts(
+            self.encoders, prompts, negs, guided, self.is_sdxl, time_ids,
+            self.force_zeros_for_empty_prompt,
+        )
+        cond = to_global(jax.device_get(cond), self.mesh, cond_spec(pc))
+        key = jax.random.PRNGKey(seed)
+        noise_key, step_key = jax.random.split(key)
+        noise = np.asarray(jax.random.normal(noise_key, lat_shape, jnp.float32))
+        spec = P("data") if pc.mode == "naive_patch" else latent_spec("row")
+        noise = to_global(noise, self.mesh, spec)
+        step_key = to_global(np.asarray(step_key), self.mesh, P())
+        self.timings = Timings(encode=time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        cache_key = (num_inference_steps, scheduler, progress is not None)
+        if cache_key not in self._compiled:
+            build = make_stepper if progress is not None else make_sampler
+            self._compiled[cache_key] = build(self.unet, sched, num_inference_steps, pc, self.mesh)
+        driver = self._compiled[cache_key]
+        if progress is None:
+            latents = driver(self.unet_params, noise, cond, guidance_scale, step_key)
+        else:
+            latents = driver.run(
+                self.unet_params, noise, cond, guidance_scale, step_key, progress,
+                times=self.timings.step_times,
+            )
+        latents.block_until_ready()
+        self.timings.denoise = time.perf_counter() - t0
+        return latents
+
+    def decode(self, latents: jax.Array) -> list[Image.Image]:
+        """Latents `[B, h, w, C]` -> PIL images, decoding on row bands across the mesh."""
+        t0 = time.perf_counter()
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        if "decode" not in self._compiled:
+            self._compiled["decode"] = make_decode(self.vae, self.parallel, self.mesh)
+        if self.parallel.mode == "naive_patch":  # latents are whole on every device
+            z = to_global(to_host(z), self.mesh, latent_spec("row"))
+        image = to_host(self._compiled["decode"](self.vae_params, z.astype(self.vae.dtype)))
+        self.timings.decode = time.perf_counter() - t0
+        pixels = np.clip(np.round((image.astype(np.float32) / 2 + 0.5) * 255), 0, 255)
+        return [Image.fromarray(p.astype(np.uint8)) for p in pixels]

@@ -1,0 +1,98 @@
+"""Prompts -> UNet conditioning, as diffusers' SDXL and SD pipelines compute it.
+
+SDXL: `encoder_hidden_states` = concat of both encoders' penultimate hidden states
+`[B, 77, D1 + D2]`, `text_embeds` = text_encoder_2's pooled projection `[B, P]`,
+`time_ids` = original size + crop top-left + target size `[B, 6]` (micro-conditioning).
+SD 1.x/2.x: the single encoder's last hidden state, no added conditioning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+    """One tokenizer + Flax CLIP encoder pair."""
+
+    tokenizer: Any  # transformers.CLIPTokenizer
+    module: Any
+    params: Any
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """`[B, 77]` int32 ids, truncated (with a warning, as diffusers) and padded."""
+        tok = self.tokenizer
+        max_len = tok.model_max_length
+        ids = tok(list(prompts), padding="max_length", max_length=max_len, truncation=True)
+        full = tok(list(prompts), padding="longest").input_ids
+        for p, f in zip(prompts, full):
+            if len(f) > max_len:
+                removed = tok.batch_decode([f[max_len - 1 : -1]])[0]
+                log.warning(
+                    "The prompt %r was truncated to %d CLIP tokens; this part was dropped: %r",
+                    p[:40] + ("..." if len(p) > 40 else ""),
+                    max_len,
+                    removed,
+                )
+        return np.asarray(ids.input_ids, np.int32)
+
+    def __call__(self, ids: jax.Array):
+        return self.module.apply({"params": self.params}, ids)
+
+
+def _encode(encoders: Sequence[TextEncoder], ids: Sequence[jax.Array], sdxl: bool):
+    """(hidden `[B, 77, D]`, pooled `[B, P]` or None) for token ids of every encoder."""
+    hidden, pooled = [], None
+    for enc, i in zip(encoders, ids):
+        out = enc(i)
+        hidden.append(out.hidden_states[-2] if sdxl else out.last_hidden_state)
+        if out.text_embeds is not None:
+            pooled = out.text_embeds
+    return jnp.concatenate(hidden, axis=-1), pooled
+
+
+def encode_prompts(
+    encoders: Sequence[TextEncoder],
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str] | None,
+    guided: bool,
+    sdxl: bool,
+    time_ids: Sequence[float] | None = None,
+    force_zeros_for_empty_prompt: bool = True,
+) -> dict[str, jax.Array]:
+    """Conditioning with a leading CFG axis: `[G, B, ...]`, G = 2 (uncond, cond) when guided.
+
+    Args:
+      encoders: one (SD) or two (SDXL) text encoders, in order.
+      prompts: B prompts.
+      negative_prompts: B negative prompts, or None (SDXL with `force_zeros_for_empty_prompt`:
+        zero embeddings; otherwise the empty prompt).
+      guided: classifier-free guidance (guidance scale > 1).
+      sdxl: penultimate hidden states and pooled/time-id conditioning.
+      time_ids: 6 numbers (original H, W, crop top, left, target H, W); SDXL only.
+    """
+    b = len(prompts)
+    cond_h, cond_p = _encode(encoders, [jnp.asarray(e.tokenize(prompts)) for e in encoders], sdxl)
+    hs, pools = [cond_h], [cond_p]
+    if guided:
+        if negative_prompts is None and sdxl and force_zeros_for_empty_prompt:
+            neg_h, neg_p = jnp.zeros_like(cond_h), jnp.zeros_like(cond_p)
+        else:
+            negs = list(negative_prompts) if negative_prompts is not None else [""] * b
+            neg_h, neg_p = _encode(encoders, [jnp.asarray(e.tokenize(negs)) for e in encoders], sdxl)
+        hs, pools = [neg_h, cond_h], [neg_p, cond_p]
+    out = {"encoder_hidden_states": jnp.stack(hs).astype(jnp.float32)}
+    if sdxl:
+        out["text_embeds"] = jnp.stack(pools).astype(jnp.float32)
+        ids = jnp.asarray(time_ids, jnp.float32)
+        out["time_ids"] = jnp.broadcast_to(ids, (len(hs), b, ids.shape[0]))
+    return out
