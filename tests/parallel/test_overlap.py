@@ -69,3 +69,19 @@ def test_band_perturbation(toy, displaced):  # noqa: F811
         np.testing.assert_array_equal(e1[:, others], e2[:, others])
     else:
         assert not np.array_equal(e1[:, others], e2[:, others])
+
+
+@pytest.mark.parametrize("cfg_split", [False, True])
+def test_unet_displaced_collectives_reach_only_state(cfg_split):
+    from tests.parallel.unet_fixtures import example_inputs, tiny_unet
+
+    model, params = tiny_unet("sdxl")
+    x, _, cond, _ = example_inputs("sdxl", 1, (16, 16), guided=True)
+    pc = ParallelConfig(patches=4, cfg_split=cfg_split)
+    mesh = make_mesh(pc)
+    t = jnp.float32(500.0)
+    _, state = make_step(model, pc, mesh, False)(params, {}, x, t, cond, 3.0)
+    into_eps, found = eps_collectives(make_step(model, pc, mesh, True), params, state, x, t, cond, 3.0)
+    allowed = ["ppermute", "ppermute"] + (["all_gather"] if cfg_split else [])
+    assert into_eps == sorted(allowed), into_eps
+    assert len(found) > 50  # every conv, self-attention and GroupNorm exchanges for t+1
