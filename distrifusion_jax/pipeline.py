@@ -154,22 +154,25 @@ class DistriSDXLPipeline:
         crops_coords_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
         progress: Callable | None = None,
+        noise: np.ndarray | None = None,
     ) -> list[Image.Image]:
         """Generate `num_images` images per prompt; returns PIL images (on every process).
 
         `progress` (e.g. `tqdm.tqdm`) switches to the step-at-a-time driver and records
         per-step times in `self.timings`; otherwise the whole loop is one jit call.
+        `noise` `[B, h, w, C]` (unit Gaussian) replaces the seeded initial latents.
         """
         latents = self.generate_latents(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, seed,
             scheduler, num_images, original_size, crops_coords_top_left, target_size, progress,
+            noise,
         )
         return self.decode(latents)
 
     def generate_latents(
         self, prompt, negative_prompt=None, height=None, width=None, num_inference_steps=50,
         guidance_scale=5.0, seed=0, scheduler=None, num_images=1, original_size=None,
-        crops_coords_top_left=(0, 0), target_size=None, progress=None,
+        crops_coords_top_left=(0, 0), target_size=None, progress=None, noise=None,
     ) -> jax.Array:
         """Like `__call__` but returns the final latents `[B, h, w, C]` (a global array)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -212,7 +215,11 @@ class DistriSDXLPipeline:
         cond = to_global(jax.device_get(cond), self.mesh, cond_spec(pc))
         key = jax.random.PRNGKey(seed)
         noise_key, step_key = jax.random.split(key)
-        noise = np.asarray(jax.random.normal(noise_key, lat_shape, jnp.float32))
+        if noise is None:
+            noise = jax.random.normal(noise_key, lat_shape, jnp.float32)
+        elif tuple(noise.shape) != lat_shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {lat_shape}.")
+        noise = np.asarray(noise, np.float32)
         spec = P("data") if pc.mode == "naive_patch" else latent_spec("row")
         noise = to_global(noise, self.mesh, spec)
         step_key = to_global(np.asarray(step_key), self.mesh, P())

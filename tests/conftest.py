@@ -11,3 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny random diffusers SDXL folder with its torch models (`tests/tiny_sdxl.py`)."""
+    from tests.tiny_sdxl import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
