@@ -19,6 +19,10 @@ from distrifusion_jax.parallel import KVExchange, PatchContext, PatchConv, Patch
 Dtype = Any
 
 
+# Variable collection caching cross-attention K,V of the text (see `parallel/step.py`).
+TEXT_KV = "text_kv"
+
+
 class Attention(nn.Module):
     """Multi-head attention `[B, L, C] -> [B, L, out_dim]`; self-attention when `context` is None.
 
@@ -50,8 +54,15 @@ class Attention(nn.Module):
             raise ValueError("self-attention (attn1) takes no context.")
         src = x if context is None else context
         q = dense(inner, "to_q", False)(x)  # [B, L, inner]
-        k = dense(inner, "to_k", False)(src)  # [B, S, inner]
-        v = dense(inner, "to_v", False)(src)
+        if not self.self_attention and self.has_variable(TEXT_KV, "k"):
+            # Text K,V are the same for every step of a generation: computed once, then read.
+            k, v = self.get_variable(TEXT_KV, "k"), self.get_variable(TEXT_KV, "v")
+        else:
+            k = dense(inner, "to_k", False)(src)  # [B, S, inner]
+            v = dense(inner, "to_v", False)(src)
+            if not self.self_attention and self.is_mutable_collection(TEXT_KV):
+                self.put_variable(TEXT_KV, "k", k)
+                self.put_variable(TEXT_KV, "v", v)
         if self.self_attention:
             # On a row band: K,V of every band (fresh, or stale with our slice fresh).
             k, v = KVExchange(patch=self.patch, name="kv_exchange")(k, v)  # [B, L_full, inner]

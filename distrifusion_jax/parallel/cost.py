@@ -27,7 +27,7 @@ class StepCost:
     flops: float
     exchanged_elements: float  # received by an interior device
     exchanged_bytes: float
-    state_bytes: int  # stale buffers held by one device
+    state_bytes: int  # stale buffers held by one device (not the cached text K,V)
     by_kind: dict[str, dict[str, float]]
 
 
@@ -68,6 +68,6 @@ def step_cost(
         flops=flops,
         exchanged_elements=sum(k["elements"] for k in kinds.values()),
         exchanged_bytes=sum(k["bytes"] for k in kinds.values()),
-        state_bytes=state_bytes(state) if displaced else 0,
+        state_bytes=state_bytes(state.get("stale", {})) if displaced else 0,
         by_kind=kinds,
     )

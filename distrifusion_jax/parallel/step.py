@@ -24,6 +24,8 @@ from jax.sharding import PartitionSpec as P
 from distrifusion_jax.parallel.config import ParallelConfig
 from distrifusion_jax.parallel.mesh import AXES
 
+TEXT_KV = "text_kv"  # the UNet's cross-attention cache collection (models/transformer.py)
+
 State = dict[str, Any]
 Cond = dict[str, jax.Array]
 
@@ -36,7 +38,7 @@ def tracks_state(parallel: ParallelConfig) -> bool:
 def local_eps(
     model: nn.Module,
     params: Any,
-    stale: State,
+    state: State,
     x: jax.Array,
     t: jax.Array,
     cond: Cond,
@@ -48,7 +50,9 @@ def local_eps(
 
     Args:
       model: the UNet module (its `patch` field is replaced for this step).
-      stale: last step's state (`{}` before the first synchronous step).
+      state: variable collections from the previous step (`{}` before the first step):
+        "stale" (exchanged activations, read by displaced steps) and "text_kv" (the
+        cross-attention K,V of the text, computed in the first step and read afterwards).
       x: `[B_l, h, W, C]` latent band (already scaled for the model input).
       t: scalar timestep.
       cond: local conditioning, leading axes `[G_l, B_l]`.
@@ -56,7 +60,7 @@ def local_eps(
       displaced: False for a synchronous step.
 
     Returns:
-      eps `[B_l, h, W, C]` and the new state.
+      eps `[B_l, h, W, C]` (fp32) and the new state.
     """
     ctx = parallel.context(displaced)
     ehs = cond["encoder_hidden_states"]
@@ -65,21 +69,19 @@ def local_eps(
     added = {k: flat(cond[k]) for k in ("text_embeds", "time_ids") if k in cond} or None
     xin = jnp.concatenate([x] * g_local, axis=0)
     tt = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (xin.shape[0],))
-    module = model.clone(patch=ctx)
-    variables = {"params": params}
-    if stale:
-        variables["stale"] = stale
+    mutable = [TEXT_KV] if TEXT_KV not in state else []
     if tracks_state(parallel):
-        out, updates = module.apply(variables, xin, tt, flat(ehs), added, mutable=["stale"])
-        stale = dict(updates["stale"])
-    else:
-        out = module.apply(variables, xin, tt, flat(ehs), added)
+        mutable.append("stale")
+    out, updates = model.clone(patch=ctx).apply(
+        {"params": params, **state}, xin, tt, flat(ehs), added, mutable=mutable
+    )
+    state = {**state, **{k: dict(v) for k, v in updates.items() if v}}
     out = out.reshape((g_local, -1) + out.shape[1:]).astype(jnp.float32)
     if parallel.cfg_split:
         out = jax.lax.all_gather(out[0], "cfg")  # the two CFG halves meet: [2, B_l, h, W, C]
     if out.shape[0] == 2:
-        return out[0] + guidance_scale * (out[1] - out[0]), stale
-    return out[0], stale
+        return out[0] + guidance_scale * (out[1] - out[0]), state
+    return out[0], state
 
 
 def cond_spec(parallel: ParallelConfig) -> P:
@@ -113,9 +115,9 @@ def make_step(
         raise ValueError("make_step runs one split; build 'row' and 'col' steps for alternate.")
 
     def body(params, state, x, t, cond, g):
-        stale = jax.tree.map(lambda a: a[0], state)
-        eps, stale = local_eps(model, params, stale, x, t, cond, g, parallel, displaced)
-        return eps, jax.tree.map(lambda a: a[None], stale)
+        state = jax.tree.map(lambda a: a[0], state)
+        eps, state = local_eps(model, params, state, x, t, cond, g, parallel, displaced)
+        return eps, jax.tree.map(lambda a: a[None], state)
 
     @jax.jit
     def step(params, state, latents, t, cond, guidance_scale=1.0):
@@ -133,7 +135,7 @@ def make_step(
 
 
 def state_bytes(state: State) -> int:
-    """Bytes of stale state held by ONE device (leaves carry a leading device axis)."""
+    """Bytes held by ONE device (leaves carry a leading device axis)."""
     return sum(a.size // a.shape[0] * a.dtype.itemsize for a in jax.tree.leaves(state))
 
 

@@ -27,7 +27,7 @@ from distrifusion_jax.parallel.config import ParallelConfig
 from distrifusion_jax.parallel.step import STATE_SPEC, cond_spec, latent_spec, local_eps
 
 Cond = dict[str, jax.Array]
-Carry = tuple[jax.Array, Any, dict]  # (latent band, scheduler state, stale state)
+Carry = tuple[jax.Array, Any, dict]  # (latent band, scheduler state, model state)
 
 
 def _noise_slice(key: jax.Array, i: jax.Array, local_shape, axes: dict[str, int]) -> jax.Array:
@@ -69,21 +69,21 @@ class LocalLoop:
 
     def step(self, params, carry: Carry, i, cond: Cond, g, key, displaced: bool) -> Carry:
         """Denoising step i (synchronous or displaced) on this device's band."""
-        x, ss, stale = carry
+        x, ss, state = carry
         xin = self.scheduler.scale_model_input(self.schedule, ss, x)
-        eps, stale = self._predict(params, stale, xin, i, cond, g, displaced)
+        eps, state = self._predict(params, state, xin, i, cond, g, displaced)
         noise = None
         if self.scheduler.needs_noise:
             axes = {"data": 0} if self.naive else {"data": 0, "patch": 1}
             noise = _noise_slice(key, i, x.shape, axes)
         x, ss = self.scheduler.step(self.schedule, ss, eps, x, noise)
-        return x, ss, stale
+        return x, ss, state
 
-    def _predict(self, params, stale, x, i, cond, g, displaced):
+    def _predict(self, params, state, x, i, cond, g, displaced):
         t = self.schedule.timesteps[i]
         pc = self.parallel
         if not self.naive:
-            return local_eps(self.model, params, stale, x, t, cond, g, pc, displaced)
+            return local_eps(self.model, params, state, x, t, cond, g, pc, displaced)
         # Naive patch: the plain model on one band (rows, or columns; `alternate` switches
         # every step), then the bands are gathered. No other exchange.
         j = jax.lax.axis_index("patch")
@@ -91,12 +91,12 @@ class LocalLoop:
         def on(axis):
             size = x.shape[axis] // pc.patches
             band = jax.lax.dynamic_slice_in_dim(x, j * size, size, axis)
-            eps, _ = local_eps(self.model, params, {}, band, t, cond, g, pc, False)
-            return jax.lax.all_gather(eps, "patch", axis=axis, tiled=True)
+            eps, new = local_eps(self.model, params, state, band, t, cond, g, pc, False)
+            return jax.lax.all_gather(eps, "patch", axis=axis, tiled=True), new
 
         if pc.naive_split == "alternate":
-            return jax.lax.cond(i % 2 == 0, lambda: on(1), lambda: on(2)), stale
-        return on(1 if pc.naive_split == "row" else 2), stale
+            return jax.lax.cond(i % 2 == 0, lambda: on(1), lambda: on(2))
+        return on(1 if pc.naive_split == "row" else 2)
 
 
 def _checks(loop: LocalLoop, noise_shape, cond: Cond) -> None:
