@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from jax.extend import core
 
 
-def _sub_jaxprs(eqn):
+def sub_jaxprs(eqn):
+    """The jaxprs nested in an equation (calls, shard_map, loops, conds)."""
     for v in eqn.params.values():
         for item in v if isinstance(v, (tuple, list)) else (v,):
             if isinstance(item, core.ClosedJaxpr):
@@ -59,7 +60,7 @@ def exchanged(jaxpr, axis_sizes: Mapping[str, int]) -> dict[str, dict[str, float
                     size, nb = math.prod(v.aval.shape), _nbytes(v.aval)
                     factor = {"ppermute": 1, "all_gather": n - 1, "psum": 2 * (n - 1) / n}[name]
                     add(label, size * factor, nb * factor)
-            for sub in _sub_jaxprs(eqn):
+            for sub in sub_jaxprs(eqn):
                 walk(sub)
 
     walk(jaxpr)

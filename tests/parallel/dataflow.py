@@ -6,18 +6,11 @@ import itertools
 
 from jax.extend import core
 
+from distrifusion_jax.parallel.comm import sub_jaxprs
+
 COLLECTIVES = ("ppermute", "all_gather", "psum", "all_to_all", "reduce_scatter", "psum_scatter")
 
 _ids = itertools.count()
-
-
-def _sub_jaxprs(eqn):
-    for v in eqn.params.values():
-        for item in v if isinstance(v, (tuple, list)) else (v,):
-            if isinstance(item, core.ClosedJaxpr):
-                yield item.jaxpr
-            elif isinstance(item, core.Jaxpr):
-                yield item
 
 
 def collective_taint(jaxpr, in_labels=None, found=None):
@@ -37,7 +30,7 @@ def collective_taint(jaxpr, in_labels=None, found=None):
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         union = frozenset().union(*ins) if ins else frozenset()
-        subs = list(_sub_jaxprs(eqn))
+        subs = list(sub_jaxprs(eqn))
         if eqn.primitive.name in COLLECTIVES:
             label = next(_ids)
             found[label] = eqn.primitive.name
