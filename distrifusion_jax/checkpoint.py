@@ -84,7 +84,8 @@ def restore_params(
       target: tree with `.shape`/`.dtype` leaves (e.g. from `jax.eval_shape`): the saved keys
         and shapes must match it exactly, and leaves are cast to its dtypes as they are read.
       dtype: cast every leaf to this dtype instead (ignored when `target` is given).
-      sharding: where every leaf goes (default: the first device).
+      sharding: where every leaf goes (default: this process's first local device; in a
+        multi-process run `jax.devices()[0]` belongs to process 0 only).
       batch_bytes: restore about this many bytes per orbax call. One call over everything
         holds all of tensorstore's read buffers at once; batches bound that excess.
 
@@ -101,7 +102,7 @@ def restore_params(
         dtypes = {p: jnp.dtype(want[p].dtype) for p in saved}
     else:
         dtypes = {p: jnp.dtype(dtype or m.dtype) for p, m in saved.items()}
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     batches: list[list[tuple[str, ...]]] = [[]]
     size = 0
     for p, m in saved.items():

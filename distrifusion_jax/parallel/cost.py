@@ -2,7 +2,10 @@
 
 FLOPs come from XLA's cost analysis of the lowered program (per device under shard_map),
 exchanged elements from the step's jaxpr (`comm.exchanged`), stale-state bytes from
-`jax.eval_shape` of the synchronous step that creates the state.
+`jax.eval_shape` of the synchronous step that creates the state. Optionally (`compile=True`)
+the step is compiled too: the collectives XLA actually emits are counted from the compiled HLO
+(`compiled_exchange`) and its memory analysis gives the peak bytes per device. Beside them,
+`analytic_exchange` applies the algorithm's formulas to the shapes each parallel layer sees.
 """
 
 from __future__ import annotations
@@ -14,8 +17,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import math
+import re
+from collections import Counter
+
+from distrifusion_jax.parallel.attention import KVExchange
 from distrifusion_jax.parallel.comm import exchanged
 from distrifusion_jax.parallel.config import ParallelConfig
+from distrifusion_jax.parallel.conv import PatchConv, halo_rows
+from distrifusion_jax.parallel.groupnorm import PatchGroupNorm
 from distrifusion_jax.parallel.mesh import make_mesh
 from distrifusion_jax.parallel.step import make_step, state_bytes
 
@@ -29,6 +39,8 @@ class StepCost:
     exchanged_bytes: float
     state_bytes: int  # stale buffers held by one device (not the cached text K,V)
     by_kind: dict[str, dict[str, float]]
+    analytic_elements: dict[str, float] = dataclasses.field(default_factory=dict)
+    compiled: dict[str, Any] | None = None  # compiled_exchange(...) and "peak_bytes"
 
 
 def _flops(lowered) -> float:
@@ -44,6 +56,7 @@ def step_cost(
     latents: jax.ShapeDtypeStruct,
     cond: dict[str, jax.ShapeDtypeStruct],
     devices=None,
+    compile: bool = False,
 ) -> StepCost:
     """Cost of the displaced step of `parallel` (the synchronous step when n = 1).
 
@@ -53,6 +66,8 @@ def step_cost(
       latents: `[B, H, W, C]` shape.
       cond: conditioning shapes with a leading `[G, B]`.
       devices: devices for the mesh (fake CPU devices suffice: nothing is executed).
+      compile: also compile the step, for `compiled_exchange` and the peak bytes (slow at
+        full SDXL size).
     """
     mesh = make_mesh(parallel, devices)
     t = jax.ShapeDtypeStruct((), jnp.float32)
@@ -62,12 +77,124 @@ def step_cost(
     displaced = parallel.patches > 1 and parallel.mode != "naive_patch"
     step = make_step(model, parallel, mesh, displaced=displaced) if displaced else sync
     args = (params, state if displaced else {}, latents, t, cond, g)
-    flops = _flops(step.lower(*args))
+    lowered = step.lower(*args)
+    flops = _flops(lowered)
     kinds = exchanged(jax.make_jaxpr(step)(*args).jaxpr, dict(mesh.shape))
+    compiled_stats = None
+    if compile:
+        compiled = lowered.compile()
+        compiled_stats = compiled_exchange(compiled.as_text())
+        compiled_stats["peak_bytes"] = peak_bytes(compiled)
     return StepCost(
         flops=flops,
         exchanged_elements=sum(k["elements"] for k in kinds.values()),
         exchanged_bytes=sum(k["bytes"] for k in kinds.values()),
         state_bytes=state_bytes(state.get("stale", {})) if displaced else 0,
         by_kind=kinds,
+        analytic_elements=analytic_exchange(step, args),
+        compiled=compiled_stats,
+    )
+
+
+def analytic_exchange(step, args) -> dict[str, float]:
+    """Elements one interior device receives per step, by layer kind, from the formulas.
+
+    Traces `step(*args)` abstractly and, for every parallel layer it calls with its local input
+    shape: a conv with kernel k > 1 on a band `[B, h, W, C]` receives its halo rows from the
+    two neighbours, `(above + below) * B * W * C` (`halo_rows`: 1 + 1 for a 3x3 conv, 1 + 0 for
+    a 3x3 stride-2 conv); self-attention receives the other n - 1 bands' K and V, `(n - 1) *
+    (|k| + |v|)` for local `k, v` `[B, L/n, C]`; GroupNorm receives the other bands' moments
+    `(n - 1) * 2 * B * G`. A layer that exchanges nothing in this step's mode counts zero.
+    """
+    counts: Counter = Counter()
+
+    def record(next_fun, fargs, kwargs, context):
+        m = context.module
+        ctx = getattr(m, "patch", None)
+        if context.method_name != "__call__" or ctx is None or ctx.n == 1:
+            return next_fun(*fargs, **kwargs)
+        sends = ctx.sync_exchange or ctx.refresh_state
+        if isinstance(m, PatchConv) and m.kernel_size > 1 and (sends or m.exact):
+            b, h, w, c = fargs[0].shape
+            above, below = halo_rows(m.kernel_size, m.stride, m.padding, h)
+            counts["conv halo rows"] += (above + below) * b * w * c
+        elif isinstance(m, KVExchange) and sends:
+            k, v = fargs[:2]
+            counts["self-attention K,V"] += (ctx.n - 1) * (math.prod(k.shape) + math.prod(v.shape))
+        elif isinstance(m, PatchGroupNorm) and (
+            ctx.sync_groupnorm or ctx.mode not in ("separate_gn", "no_sync")
+        ):
+            counts["groupnorm moments"] += (ctx.n - 1) * 2 * fargs[0].shape[0] * m.num_groups
+        return next_fun(*fargs, **kwargs)
+
+    with jax.disable_jit(), nn.intercept_methods(record):  # a cached trace would not call us
+        jax.eval_shape(step, *args)
+    return dict(counts)
+
+
+_COLLECTIVE = re.compile(
+    r"= (?P<type>\(?[^=]*?\)?) (?P<op>all-gather|collective-permute|all-reduce|all-to-all|"
+    r"reduce-scatter)(?P<start>-start)?\("
+)
+_ARRAY = re.compile(r"\b(?P<dtype>pred|[suf]\d+|bf16)\[(?P<dims>[\d,]*)\]")
+_GROUPS = re.compile(r"replica_groups=(?:\{\{(?P<list>[\d,]+)\}|\[\d+,(?P<iota>\d+)\])")
+
+
+def compiled_exchange(hlo_text: str) -> dict[str, Any]:
+    """Collectives in compiled HLO text and what one interior device receives per call.
+
+    all-gather to a result of s elements over groups of n: (n-1)/n * s; collective-permute:
+    its result; all-reduce of s: 2(n-1)/n * s (ring); all-to-all, reduce-scatter: (n-1)/n * s.
+    Async `-start` ops count their last array (the output buffer). Loop bodies count once.
+
+    Returns:
+      {"elements": float, "bytes": float, "calls": int, "by_op": {op: {"elements", "bytes",
+      "calls"}}}
+    """
+    by_op: dict[str, Counter] = {}
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if not m:
+            continue
+        arrays = list(_ARRAY.finditer(m["type"]))
+        if m["start"]:
+            arrays = arrays[-1:]
+        groups = _GROUPS.search(line)
+        n = 1
+        if groups:
+            n = len(groups["list"].split(",")) if groups["list"] else int(groups["iota"])
+        factor = {
+            "all-gather": (n - 1) / n,
+            "collective-permute": 1.0,
+            "all-reduce": 2 * (n - 1) / n,
+        }.get(m["op"], (n - 1) / n)
+        c = by_op.setdefault(m["op"], Counter())
+        for a in arrays:
+            size = math.prod(int(d) for d in a["dims"].split(",") if d)
+            bits = 8 if a["dtype"] == "pred" else int(re.sub(r"\D", "", a["dtype"]))
+            c["elements"] += factor * size
+            c["bytes"] += factor * size * bits / 8
+        c["calls"] += 1
+    return {
+        "elements": float(sum(c["elements"] for c in by_op.values())),
+        "bytes": float(sum(c["bytes"] for c in by_op.values())),
+        "calls": int(sum(c["calls"] for c in by_op.values())),
+        "by_op": {k: dict(v) for k, v in by_op.items()},
+    }
+
+
+def peak_bytes(compiled) -> int | None:
+    """Peak bytes per device from XLA's memory analysis: arguments + outputs + temporaries -
+    aliased (donated) buffers; None where the backend gives no analysis."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - backends without the analysis
+        return None
+    if m is None:
+        return None
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
     )

@@ -200,16 +200,18 @@ def make_stepper(
 ) -> Stepper:
     """A step-at-a-time driver (for progress bars); equal to `make_sampler`'s trajectory.
 
-    Between calls every carry leaf has a leading device axis `[data*cfg*patch, ...]`.
+    Between calls every carry leaf has a leading device axis `[data*cfg*patch, ...]`; `sync`
+    and `displaced` donate the carry they are given (do not reuse it after the call).
     """
     loop = LocalLoop(model, scheduler, scheduler.set_timesteps(num_inference_steps), parallel)
     add = lambda tree: jax.tree.map(lambda a: a[None], tree)  # noqa: E731
     drop = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
     cspec = cond_spec(parallel)
 
-    def shard(f, in_specs, out_specs):
+    def shard(f, in_specs, out_specs, donate=()):
         return jax.jit(
-            jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+            jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False),
+            donate_argnums=donate,
         )
 
     def first(params, x, cond, g, key):
@@ -219,7 +221,8 @@ def make_stepper(
         def f(params, carry, i, cond, g, key):
             return add(loop.step(params, drop(carry), i, cond, g, key, displaced))
 
-        return shard(f, (P(), STATE_SPEC, P(), cspec, P(), P()), STATE_SPEC)
+        # The carry is donated: stale buffers are updated in place, not copied every step.
+        return shard(f, (P(), STATE_SPEC, P(), cspec, P(), P()), STATE_SPEC, donate=(1,))
 
     first_jit = shard(first, (P(), loop.latent_spec, cspec, P(), P()), STATE_SPEC)
 

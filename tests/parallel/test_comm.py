@@ -28,3 +28,44 @@ def test_counts_match_analytic_model(toy):  # noqa: F811
     assert got["ppermute@patch"]["elements"] == halos
     assert got["all_gather@patch"]["elements"] == kv + gn
     assert got["all_gather@patch"]["bytes"] == 4 * (kv + gn)
+
+
+def test_three_counts_agree(toy):  # noqa: F811
+    """jaxpr count == compiled-HLO collectives == layer-shape formulas, per mode, n = 2 and 4."""
+    from distrifusion_jax.parallel.cost import step_cost
+
+    model, params, x, cond = toy
+    p_s, x_s, c_s = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x, cond))
+    b, h, w = 4, x.shape[1], x.shape[2]
+    for n, mode in [(4, "corrected_async_gn"), (2, "full_sync"), (4, "separate_gn")]:
+        c = step_cost(model, p_s, ParallelConfig(patches=n, mode=mode), x_s, c_s, compile=True)
+        formula = c.analytic_elements
+        assert formula["conv halo rows"] == 2 * b * w * 4 + 3 * 2 * b * w * 16 + b * w * 16 + (
+            2 * b * (w // 2) * 16
+        )
+        assert formula["self-attention K,V"] == (n - 1) * b * (h // n) * w * 16 * 2
+        assert formula.get("groupnorm moments", 0) == (
+            0 if mode == "separate_gn" else 3 * (n - 1) * 2 * b * 4
+        )
+        assert c.exchanged_elements == sum(formula.values())
+        assert c.compiled["elements"] == c.exchanged_elements
+        assert c.compiled["bytes"] == c.exchanged_bytes
+        assert c.compiled["peak_bytes"] > 0
+
+
+def test_compiled_exchange_parses_hlo():
+    from distrifusion_jax.parallel.cost import compiled_exchange
+
+    hlo = "\n".join([
+        "  %ag = f32[2,8,16]{2,1,0} all-gather(f32[2,2,16]{2,1,0} %x), channel_id=1, "
+        "replica_groups={{0,1,2,3}}, dimensions={1}",
+        "  %cp = bf16[2,1,16]{2,1,0} collective-permute(bf16[2,1,16]{2,1,0} %y), "
+        "source_target_pairs={{0,1},{1,2}}",
+        "  %ar = f32[10]{0} all-reduce(f32[10]{0} %z), replica_groups=[4,2]<=[8], to_apply=%add",
+        "  %add = f32[10]{0} add(f32[10]{0} %a, f32[10]{0} %b)",
+    ])
+    got = compiled_exchange(hlo)
+    assert got["by_op"]["all-gather"]["elements"] == 3 / 4 * 256
+    assert got["by_op"]["collective-permute"]["bytes"] == 2 * 32
+    assert got["by_op"]["all-reduce"]["elements"] == 2 * 1 / 2 * 10
+    assert got["calls"] == 3
