@@ -3,7 +3,7 @@
     apt-get install -y dataset-fashion-mnist          # once (root; `apt-get update` first)
     python scripts/make_clip_tokenizer.py             # once: tokenizer/, tokenizer_2/
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
-        taskset -c 1 python scripts/train_tiny.py     # ~50 min on one CPU core
+        taskset -c 1 python scripts/train_tiny.py     # ~57 min on one CPU core
 
 Data: Fashion-MNIST (Debian `dataset-fashion-mnist`, MIT), 28x28 padded to 32x32 (black
 border), gray replicated to RGB, prompts "a photo of a <class>". Everything is JAX + optax on
@@ -22,7 +22,9 @@ the project's own Flax models, in four phases:
 Then it writes the model in the converted format (`python -m convert` layout, float16 params),
 samples a grid with `generate_images` (Euler, CFG) into results/tiny_model_samples.png, and
 classifies the samples. Seeded: the same flags give the same weights, unless the wall-clock guard
-(--unet-minutes) stops the UNet early, which training.json records. `--sample-only` redraws the
+(--unet-minutes) stops the UNet early, which training.json records; `--unet-stop K` replays such
+a run (the shipped model: the guard stopped it at step 1564 of 1700, so
+`--unet-stop 1564 --unet-minutes 1e9` reproduces it on any machine). `--sample-only` redraws the
 grid and the accuracy from the saved model.
 """
 
@@ -527,6 +529,8 @@ def train_unet(unet, embeds, pooled, latents, labels, args) -> tuple[dict, dict]
                 f"unet step {done}/{args.unet_steps}: loss {np.mean(losses[-50:]):.4f} "
                 f"mse {np.mean(mses[-50:]):.4f} ({el / done:.2f} s/step, {el / 60:.1f} min)"
             )
+        if args.unet_stop and done >= args.unet_stop:
+            break  # replays a run that the guard stopped here (same schedule, same weights)
         if time.time() - t0 > 60 * args.unet_minutes:
             stopped = True
             log(f"unet: wall-clock guard ({args.unet_minutes} min) stopped training at {done}")
@@ -727,6 +731,9 @@ def main() -> None:
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--unet-minutes", type=float, default=48.0, help="wall-clock guard")
+    p.add_argument("--unet-stop", type=int, default=None,
+                   help="stop after this step, the schedule still planned for --unet-steps "
+                   "(replay a guard-stopped run: the shipped model is --unet-stop 1564)")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--grid-seeds", type=int, default=8)
