@@ -640,6 +640,10 @@ def main(argv=None) -> int:
     if args.scaling_worker:
         return scaling_worker(json.loads(args.scaling_worker))
     t0 = time.perf_counter()
+    # This process's fake CPU devices (cost analysis, model mode); scaling workers set their own.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.cpu_devices}"
+    )
     if args.scaling:
         res = scaling(args)
         res["seconds_total"] = time.perf_counter() - t0
@@ -648,9 +652,6 @@ def main(argv=None) -> int:
             plot_scaling(res, out.with_suffix(".png"))
         print_scaling(res)
         return 0
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.cpu_devices}"
-    )
     if args.sdxl_shapes:
         rows = sdxl_rows(args)
         res = {"kind": "sdxl_shapes", "mode": args.mode, "link_gbps": args.link_gbps,

@@ -11,15 +11,14 @@ the step is compiled too: the collectives XLA actually emits are counted from th
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+from collections import Counter
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-import math
-import re
-from collections import Counter
 
 from distrifusion_jax.parallel.attention import KVExchange
 from distrifusion_jax.parallel.comm import exchanged
