@@ -387,7 +387,7 @@ def encode_all(vae, params, x) -> np.ndarray:
 # ---- UNet -------------------------------------------------------------------------------
 
 
-def separate_prompts(text, steps: int, seed: int) -> tuple[dict, dict]:
+def separate_prompts(text, steps: int) -> tuple[dict, dict]:
     """Train both text encoders so the 11 prompts' conditioning vectors point apart.
 
     At a random init "a photo of a coat" and "a photo of a bag" differ in one token and their
@@ -785,7 +785,7 @@ def main() -> None:
         "text_encoder_2": te2.init(jax.random.key(args.seed + 12), ids0)["params"],
     }
     ids = token_ids(load_tokenizers(out), [*PROMPTS, ""])  # [11, 77] each
-    te_params, te_stats = separate_prompts((te1, te2, *ids, te_init), args.text_steps, args.seed)
+    te_params, te_stats = separate_prompts((te1, te2, *ids, te_init), args.text_steps)
     te_params = as_f16(te_params)  # the UNet learns the conditioning of the shipped encoders
     embeds, pooled = encode_text(te1, te2, *ids, te_params)
 
