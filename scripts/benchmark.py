@@ -24,7 +24,8 @@ the model's size), `--steps` sampling steps: compile time (the steps that compil
 w+1) apart from the steady-state step (median of the others), end-to-end latency of a second,
 warm call (encode + denoise + decode), per-device FLOPs vs the single-device step (ideal 1/n),
 elements and bytes received per device per step counted three ways (the step's jaxpr, the
-compiled HLO's collectives, the layer-shape formulas of `analytic_exchange`), stale-state
+compiled HLO's collectives, the layer-shape formulas of `analytic_exchange`; `--mode
+corrected_async_gn+fused` exchanges the same elements in a few collectives), stale-state
 bytes, and peak bytes per device from XLA's memory analysis of the compiled step. On fake CPU
 devices (`--cpu-devices`, sharing this machine's cores) latency shows overhead, not speedup;
 `--scaling` measures real speedup.
@@ -43,7 +44,9 @@ float, "exchanged_bytes": float, "analytic_elements": {layer kind: float}, "stat
 `--scaling`: real multi-process scaling on this CPU. The same generation (one prompt, CFG pair,
 `--height` x `--width`, default 128^2, DDIM) runs as 1 process with 1 CPU device, then as 2
 processes (`jax.distributed`, coordinator on 127.0.0.1) with 1 device each and n = 2 row bands,
-in the modes `--scaling-modes` (default: corrected_async_gn = DistriFusion; full_sync =
+in the modes `--scaling-modes` (default: corrected_async_gn = DistriFusion, one collective per
+layer as on an accelerator; corrected_async_gn+fused = the same with a displaced step's sends
+exchanged together at its end, `ParallelConfig(fused_exchange=True)`; full_sync =
 synchronous patch parallelism; no_sync = the same displaced computation with no exchange after
 warm-up, the no-communication bound of the paper's Table 2; naive_patch `row` = independent
 bands, whose attention over half the tokens costs a quarter, so it is faster than any exact
@@ -66,7 +69,7 @@ JSON (`--json`, default results/scaling.json): {"kind": "scaling", "model": str,
 "rounds": [{"displaced": [float], "sync": [float], "step_times": [[float] per process],
 "compile_and_first_steps_s": float, "load_seconds": float, "wall_seconds": float,
 "load_average": [float]}]}], "speedup": float (1-process / 2-process corrected_async_gn
-median step), "cost": {"n1/MODE" | "n2/MODE": {"flops_per_device": float,
+median step), "speedup_fused": float | null (the same for corrected_async_gn+fused), "cost": {"n1/MODE" | "n2/MODE": {"flops_per_device": float,
 "exchanged_bytes": float, "collective_calls": int, "by_kind": {...}}} (XLA cost analysis and
 the step's collectives, abstract shapes), "seconds_total": float}.
 """
@@ -82,6 +85,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# parallel.config.MODES, spelled out: importing the package here would import JAX before
+# main() sets XLA_FLAGS.
+MODES = ("full_sync", "corrected_async_gn", "stale_gn", "sync_gn", "separate_gn", "no_sync",
+         "naive_patch")
+
+
+def mode_fields(label: str) -> dict:
+    """`MODE` or `MODE+fused` (a displaced step's sends exchanged together) -> ParallelConfig
+    fields; ValueError naming the fix for anything else."""
+    mode, _, option = label.partition("+")
+    if mode not in MODES or option not in ("", "fused"):
+        raise ValueError(f"unknown mode {label!r}: use one of {list(MODES)}, optionally with "
+                         "'+fused' (e.g. corrected_async_gn+fused)")
+    return {"mode": mode, "fused_exchange": option == "fused"}
 # distrifuser Table 2 / reference notes §7: elements per device per step at n=8, batch 2,
 # and stale-buffer GB per device (fp16).
 ORIGINAL = {
@@ -101,7 +118,8 @@ def parse_args(argv):
     p.add_argument("--resolutions", type=int, nargs="+", default=[1024, 2048, 3840])
     p.add_argument("--model", default=str(REPO / "distrifusion_jax" / "assets" / "tiny-sdxl"))
     p.add_argument("--patches", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--mode", default="corrected_async_gn")
+    p.add_argument("--mode", default="corrected_async_gn",
+                   help="MODE or MODE+fused (a displaced step's sends exchanged together)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--cfg-split", action="store_true", help="(model) CFG halves on 2 groups")
@@ -113,7 +131,9 @@ def parse_args(argv):
                    help="default results/benchmark.json (results/scaling.json with --scaling)")
     p.add_argument("--scaling", action="store_true", help="1 process vs 2 processes (see above)")
     p.add_argument("--scaling-modes", nargs="+",
-                   default=["corrected_async_gn", "full_sync", "no_sync", "naive_patch"])
+                   default=["corrected_async_gn", "corrected_async_gn+fused", "full_sync",
+                            "no_sync", "naive_patch"],
+                   help="(--scaling) modes; MODE+fused exchanges a displaced step's sends at once")
     p.add_argument("--cores", type=int, nargs=2, default=[0, 1], help="CPU cores to pin to")
     p.add_argument("--scheduler", default="ddim", help="sampler")
     p.add_argument("--warmup-steps", type=int, default=4, help="w")
@@ -122,6 +142,12 @@ def parse_args(argv):
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--scaling-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for flag, label in [("--mode", args.mode)] + [("--scaling-modes", m) for m in
+                                                   args.scaling_modes]:
+        try:
+            mode_fields(label)
+        except ValueError as e:
+            p.error(f"{flag}: {e}")
     if args.json is None:
         name = "scaling" if args.scaling else "benchmark_sdxl_shapes" if args.sdxl_shapes else (
             "benchmark")
@@ -178,7 +204,8 @@ def sdxl_rows(args) -> list[dict]:
         base = None
         for n in [1] + [k for k in args.patches if k > 1]:
             t0 = time.perf_counter()
-            c = step_cost(model, params, ParallelConfig(patches=n, mode=args.mode), lat, cond)
+            c = step_cost(model, params, ParallelConfig(patches=n, **mode_fields(args.mode)),
+                          lat, cond)
             base = c.flops if n == 1 else base
             orig = ORIGINAL.get((res, n), (None, None))
             row = {
@@ -250,8 +277,9 @@ def model_rows(args) -> list[dict]:
 
     rows, base, base_step = [], None, None
     for n in args.patches:
-        pc = ParallelConfig(patches=n, mode=args.mode if n > 1 else "corrected_async_gn",
-                            cfg_split=args.cfg_split, warmup_steps=args.warmup_steps)
+        fields = mode_fields(args.mode if n > 1 else "corrected_async_gn")
+        pc = ParallelConfig(patches=n, cfg_split=args.cfg_split, warmup_steps=args.warmup_steps,
+                            **fields)
         pipe = DistriSDXLPipeline.from_pretrained(args.model, parallel=pc)
         h = args.height or pipe.default_size
         w = args.width or pipe.default_size
@@ -269,7 +297,8 @@ def model_rows(args) -> list[dict]:
         compile_steps = {0, 1, pc.warmup_steps + 1}
         steady = [s for i, s in enumerate(pipe.timings.step_times) if i not in compile_steps]
         row = {
-            "resolution": h, "width": w, "n": n, "mode": pc.mode, "cfg_split": args.cfg_split,
+            "resolution": h, "width": w, "n": n, "mode": pc.mode,
+            "fused_exchange": pc.fused_exchange, "cfg_split": args.cfg_split,
             "devices": pc.num_devices,
             "batch": 2, "flops_per_device": c.flops, "flops_ratio_vs_1": c.flops / base,
             "exchanged_elements": c.exchanged_elements, "exchanged_bytes": c.exchanged_bytes,
@@ -412,7 +441,7 @@ def scaling_worker(spec: dict) -> int:
     from distrifusion_jax.parallel import ParallelConfig
     from distrifusion_jax.pipeline import DistriSDXLPipeline
 
-    pc = ParallelConfig(patches=spec["n"], mode=spec["mode"],
+    pc = ParallelConfig(**mode_fields(spec["mode"]), patches=spec["n"],
                         naive_split=spec["naive_split"] or "row",
                         warmup_steps=spec["warmup_steps"])
     pipe = DistriSDXLPipeline.from_pretrained(spec["model"], parallel=pc)
@@ -503,7 +532,8 @@ def scaling_cost(args, h: int, w: int) -> dict:
     cond = jax.tree.map(shape, cond)
     out = {}
     for n, mode in [(1, "corrected_async_gn")] + [(2, m) for m in args.scaling_modes]:
-        c = step_cost(pipe.unet, params, ParallelConfig(patches=n, mode=mode), lat, cond)
+        pc = ParallelConfig(patches=n, **mode_fields(mode))
+        c = step_cost(pipe.unet, params, pc, lat, cond)
         out[f"n{n}/{mode}"] = {
             "flops_per_device": c.flops, "exchanged_bytes": c.exchanged_bytes,
             "collective_calls": int(sum(k.get("calls", 0) for k in c.by_kind.values())),
@@ -553,7 +583,7 @@ def scaling(args) -> dict:
         r["speedup_vs_1"] = base["median_step_s"] / r["median_step_s"]
         r["round_speedups"] = [b / x for b, x in zip(base["round_medians_s"],
                                                      r["round_medians_s"])]
-    main_run = next((r for r in rows[1:] if r["mode"] == "corrected_async_gn"), None)
+    run_of = {r["mode"]: r for r in rows[1:]}
     return {
         "kind": "scaling", "model": args.model, "height": h, "width": w, "batch": 2,
         "prompt": SCALING_PROMPT, "scheduler": args.scheduler, "warmup_steps": args.warmup_steps,
@@ -561,7 +591,9 @@ def scaling(args) -> dict:
         "rounds": args.rounds, "cores": args.cores,
         "cpu_count": os.cpu_count(), "load_average_before": load,
         "load_average_after": list(os.getloadavg()), "xla_flags": ONE_THREAD, "runs": rows,
-        "speedup": main_run["speedup_vs_1"] if main_run else None, "cost": cost,
+        "speedup": run_of.get("corrected_async_gn", {}).get("speedup_vs_1"),
+        "speedup_fused": run_of.get("corrected_async_gn+fused", {}).get("speedup_vs_1"),
+        "cost": cost,
         "breakdown": breakdown(rows, cost),
     }
 
@@ -573,7 +605,8 @@ def breakdown(rows: list[dict], cost: dict) -> dict | None:
     no exchange, so replicated work (FLOPs above 1/2, from the cost analysis), lockstep waits
     and smaller kernels; exchange = t(full_sync) - t(no_sync): CPU collectives block (nothing
     overlaps them on one thread); displaced = t(corrected_async_gn) - t(full_sync): the stale
-    buffers' bookkeeping, which on an accelerator would buy overlap and here only costs.
+    buffers' bookkeeping, which on an accelerator would buy overlap and here only costs;
+    fused exchange = t(corrected_async_gn+fused) - t(no_sync), when that run is present.
     Seconds per step; None unless all four runs are present.
     """
     by_mode = {r["mode"]: r["median_step_s"] for r in rows if r["processes"] == 2}
@@ -591,6 +624,9 @@ def breakdown(rows: list[dict], cost: dict) -> dict | None:
     c1, c2 = cost.get("n1/corrected_async_gn"), cost.get("n2/no_sync")
     if c1 and c2:
         out["replicated_flops_s"] = one * (c2["flops_per_device"] / c1["flops_per_device"] - 0.5)
+    if "corrected_async_gn+fused" in by_mode:
+        out["fused_exchange_s"] = by_mode["corrected_async_gn+fused"] - by_mode["no_sync"]
+        out["distrifusion_fused_s"] = by_mode["corrected_async_gn+fused"]
     return out
 
 
@@ -621,9 +657,15 @@ def print_scaling(res: dict) -> None:
               f"{b.get('replicated_flops_s', float('nan')):.3f}) + exchange "
               f"{b['exchange_s']:.3f} + displaced bookkeeping "
               f"{b['displaced_bookkeeping_s']:.3f} = {b['distrifusion_s']:.3f}")
+        if "fused_exchange_s" in b:
+            print(f"  with fused exchange: ideal {b['ideal_s']:.3f} + split overhead "
+                  f"{b['split_overhead_s']:.3f} + exchange {b['fused_exchange_s']:.3f} = "
+                  f"{b['distrifusion_fused_s']:.3f}")
     if res["speedup"] is not None:
         print(f"DistriFusion speedup, 2 processes vs 1: {res['speedup']:.2f}x "
               f"(median displaced step; 'per round' = speedup within each interleaved round)")
+    if res.get("speedup_fused") is not None:
+        print(f"DistriFusion with fused exchange, 2 processes vs 1: {res['speedup_fused']:.2f}x")
 
 
 def _write_json(path: str, res: dict) -> Path:

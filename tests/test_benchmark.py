@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import benchmark  # noqa: E402
@@ -26,3 +28,15 @@ def test_model_mode_rows(tiny_sdxl, tmp_path, capsys):
         assert r["state_bytes"] > 0 and r["peak_bytes"] > 0
         assert r["median_step_seconds"] > 0 and r["end_to_end_seconds"] > 0
     assert "HLO k el" in capsys.readouterr().out
+
+
+def test_mode_labels():
+    """The script's spelled-out modes are the library's; bad labels name the fix."""
+    from distrifusion_jax.parallel.config import MODES
+
+    assert benchmark.MODES == MODES
+    assert benchmark.mode_fields("stale_gn+fused") == {"mode": "stale_gn", "fused_exchange": True}
+    assert benchmark.mode_fields("full_sync") == {"mode": "full_sync", "fused_exchange": False}
+    for bad in ("corrected", "corrected_async_gn+fast"):
+        with pytest.raises(ValueError, match=r"\+fused"):
+            benchmark.mode_fields(bad)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 
 from distrifusion_jax.parallel.config import PatchContext
+from distrifusion_jax.parallel.exchange import STALE, exchange, send, store
 
 
 class KVExchange(nn.Module):
@@ -25,24 +26,15 @@ class KVExchange(nn.Module):
         if ctx is None or ctx.n == 1:
             return k, v
         if ctx.sync_exchange:
-            k_full = jax.lax.all_gather(k, ctx.axis, axis=1, tiled=True)
-            v_full = jax.lax.all_gather(v, ctx.axis, axis=1, tiled=True)
-            self._store(k_full, v_full)
+            k_full = exchange("k", k, ctx.axis, ctx.n)
+            v_full = exchange("v", v, ctx.axis, ctx.n)
+            store(self, k=k_full, v=v_full)
             return k_full, v_full
-        k_stale = self.get_variable("stale", "k")
-        v_stale = self.get_variable("stale", "v")
+        k_stale = self.get_variable(STALE, "k")
+        v_stale = self.get_variable(STALE, "v")
         start = jax.lax.axis_index(ctx.axis) * k.shape[1]
         k_full = jax.lax.dynamic_update_slice_in_dim(k_stale, k.astype(k_stale.dtype), start, 1)
         v_full = jax.lax.dynamic_update_slice_in_dim(v_stale, v.astype(v_stale.dtype), start, 1)
         if ctx.refresh_state:
-            # Sent now, read in step t+1: XLA can overlap the transfer with this step.
-            self._store(
-                jax.lax.all_gather(k, ctx.axis, axis=1, tiled=True),
-                jax.lax.all_gather(v, ctx.axis, axis=1, tiled=True),
-            )
+            send(self, ctx, k=k, v=v)  # read in step t+1
         return k_full.astype(k.dtype), v_full.astype(v.dtype)
-
-    def _store(self, k_full: jax.Array, v_full: jax.Array) -> None:
-        if self.is_mutable_collection("stale"):
-            self.put_variable("stale", "k", k_full)
-            self.put_variable("stale", "v", v_full)

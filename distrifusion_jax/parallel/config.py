@@ -23,12 +23,15 @@ class PatchContext:
 
     A model built with `patch=None` is the plain single-device model. `displaced=False` is a
     synchronous step (exact, fills the stale state); `displaced=True` reads last step's state.
+    `fused_exchange`: a displaced step's sends are parked and exchanged together at its end
+    (`exchange.flush`) instead of one collective per layer.
     """
 
     n: int
     axis: str = "patch"
     mode: str = "corrected_async_gn"
     displaced: bool = False
+    fused_exchange: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES or self.mode == "naive_patch":
@@ -74,6 +77,9 @@ class ParallelConfig:
       mode: one of MODES; `naive_patch` runs the plain model on each band with no exchange.
       naive_split: `row`, `col` or `alternate` (rows on even steps, columns on odd ones).
       warmup_steps: w; steps 0..w are synchronous (w + 1 steps), later steps are displaced.
+      fused_exchange: a displaced step exchanges everything for step t+1 in a few collectives
+        at its end instead of one per layer: for hosts whose collectives block and cost a fixed
+        latency each (CPU processes); on accelerators per-layer sends overlap with compute.
     """
 
     patches: int = 1
@@ -82,6 +88,7 @@ class ParallelConfig:
     mode: str = "corrected_async_gn"
     naive_split: str = "row"
     warmup_steps: int = 4
+    fused_exchange: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -109,7 +116,12 @@ class ParallelConfig:
         """The PatchContext the model is built with for a sync or a displaced step."""
         if self.patches == 1 or self.mode == "naive_patch":
             return None
-        return PatchContext(n=self.patches, mode=self.mode, displaced=displaced)
+        return PatchContext(
+            n=self.patches,
+            mode=self.mode,
+            displaced=displaced,
+            fused_exchange=self.fused_exchange,
+        )
 
     def check_shapes(
         self,

@@ -14,19 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from distrifusion_jax.parallel.config import PatchContext
+from distrifusion_jax.parallel.exchange import STALE, exchange, send, store
 
 Dtype = Any
-
-
-def _shift_rows(x: jax.Array, axis: str, n: int, down: bool) -> jax.Array:
-    """Send x from band j to band j+1 (down=True) or j-1; the band with no sender gets zeros."""
-    if x.shape[1] == 0:
-        return x
-    if down:
-        perm = [(j, j + 1) for j in range(n - 1)]
-    else:
-        perm = [(j + 1, j) for j in range(n - 1)]
-    return jax.lax.ppermute(x, axis, perm)
 
 
 def halo_rows(kernel: int, stride: int, pad: int, h: int) -> tuple[int, int]:
@@ -90,23 +80,13 @@ class PatchConv(nn.Module):
         n_above, n_below = halo_rows(self.kernel_size, self.stride, self.padding, x.shape[1])
         top, bottom = x[:, :n_below], x[:, x.shape[1] - n_above :]
         if self.exact or ctx.sync_exchange:
-            above = _shift_rows(bottom, ctx.axis, ctx.n, down=True)
-            below = _shift_rows(top, ctx.axis, ctx.n, down=False)
-            self._store(above, below)
+            above = exchange("above", bottom, ctx.axis, ctx.n)
+            below = exchange("below", top, ctx.axis, ctx.n)
+            if not self.exact:  # conv_in never reads stale rows: it keeps no state
+                store(self, above=above, below=below)
         else:
-            above = self.get_variable("stale", "above")
-            below = self.get_variable("stale", "below")
+            above = self.get_variable(STALE, "above")
+            below = self.get_variable(STALE, "below")
             if ctx.refresh_state:
-                # Sent now, read in step t+1: XLA can overlap the transfer with this step.
-                self._store(
-                    _shift_rows(bottom, ctx.axis, ctx.n, down=True),
-                    _shift_rows(top, ctx.axis, ctx.n, down=False),
-                )
+                send(self, ctx, above=bottom, below=top)  # read in step t+1
         return jnp.concatenate([above.astype(x.dtype), x, below.astype(x.dtype)], axis=1)
-
-    def _store(self, above: jax.Array, below: jax.Array) -> None:
-        if self.exact:
-            return  # conv_in never reads stale rows; keep no state for it
-        if self.is_mutable_collection("stale"):
-            self.put_variable("stale", "above", above)
-            self.put_variable("stale", "below", below)

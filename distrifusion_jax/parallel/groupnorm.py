@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from distrifusion_jax.parallel.config import PatchContext
+from distrifusion_jax.parallel.exchange import STALE, exchange, send, store
 
 Dtype = Any
 
@@ -61,26 +62,22 @@ class PatchGroupNorm(nn.Module):
         if ctx is None or ctx.n == 1:
             full = local
         elif ctx.sync_groupnorm:
-            gathered = jax.lax.all_gather(local, ctx.axis)  # [n, 2, B, G]
+            gathered = exchange("moments", local, ctx.axis, ctx.n)  # [n, 2, B, G]
             full = jnp.mean(gathered, axis=0)
             if ctx.stale_groupnorm_state:
-                self._store(gathered)
+                store(self, moments=gathered)
         elif ctx.mode in ("separate_gn", "no_sync"):
             full = local
         else:
-            stale = self.get_variable("stale", "moments")  # [n, 2, B, G] from step t-1
+            stale = self.get_variable(STALE, "moments")  # [n, 2, B, G] from step t-1
             i = jax.lax.axis_index(ctx.axis)
             if ctx.mode == "corrected_async_gn":
                 full = jnp.mean(stale, axis=0) + (local - stale[i])
             else:  # stale_gn
                 full = (jnp.sum(stale, axis=0) - stale[i] + local) / ctx.n
-            self._store(jax.lax.all_gather(local, ctx.axis))  # read in step t+1
+            send(self, ctx, moments=local)  # read in step t+1
         mean, m2 = full[0], full[1]
         var = m2 - jnp.square(mean)
         if full is not local:
             var = jnp.where(var < 0, local[1] - jnp.square(local[0]), var)
         return mean, jnp.maximum(var, 0.0)
-
-    def _store(self, gathered: jax.Array) -> None:
-        if self.is_mutable_collection("stale"):
-            self.put_variable("stale", "moments", gathered)

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from distrifusion_jax.parallel.config import ParallelConfig
+from distrifusion_jax.parallel.exchange import OUTBOX, STALE, flush, merge
 from distrifusion_jax.parallel.mesh import AXES
 
 TEXT_KV = "text_kv"  # the UNet's cross-attention cache collection (models/transformer.py)
@@ -71,11 +72,16 @@ def local_eps(
     tt = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (xin.shape[0],))
     mutable = [TEXT_KV] if TEXT_KV not in state else []
     if tracks_state(parallel):
-        mutable.append("stale")
+        mutable.append(STALE)
+        if displaced and parallel.fused_exchange:
+            mutable.append(OUTBOX)
     out, updates = model.clone(patch=ctx).apply(
         {"params": params, **state}, xin, tt, flat(ehs), added, mutable=mutable
     )
+    outbox = updates.pop(OUTBOX, None)
     state = {**state, **{k: dict(v) for k, v in updates.items() if v}}
+    if outbox:  # the displaced step's sends, exchanged together for step t+1
+        state[STALE] = merge(state[STALE], flush(outbox, ctx.axis, ctx.n))
     out = out.reshape((g_local, -1) + out.shape[1:]).astype(jnp.float32)
     if parallel.cfg_split:
         out = jax.lax.all_gather(out[0], "cfg")  # the two CFG halves meet: [2, B_l, h, W, C]
@@ -137,7 +143,6 @@ def make_step(
 def state_bytes(state: State) -> int:
     """Bytes held by ONE device (leaves carry a leading device axis)."""
     return sum(a.size // a.shape[0] * a.dtype.itemsize for a in jax.tree.leaves(state))
-
 
 
 def make_decode(vae: nn.Module, parallel: ParallelConfig, mesh: Mesh) -> Callable[..., jax.Array]:

@@ -76,3 +76,17 @@ def test_stepper_equals_sampler(toy, pc):  # noqa: F811
     got = np.asarray(stepper.run(params, x, cond, 1.5, key))
     want = np.asarray(make_sampler(model, sched, 6, pc, make_mesh(pc))(params, x, cond, 1.5, key))
     assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("pc", [ParallelConfig(patches=4, warmup_steps=1),
+                                ParallelConfig(patches=2, cfg_split=True, mode="stale_gn")],
+                         ids=str)
+def test_fused_exchange_trajectory_is_bit_identical(toy, pc):  # noqa: F811
+    """The whole jitted sampler (two lax.scans, donated carry) with fused exchange."""
+    import dataclasses
+
+    model, params, x, cond = toy
+    fused = dataclasses.replace(pc, fused_exchange=True)
+    a, b = run(model, params, x, cond, pc), run(model, params, x, cond, fused)
+    np.testing.assert_array_equal(a, b)
+    assert rel_err(a, run(model, params, x, cond, ParallelConfig())) > 1e-6  # displaced ran
