@@ -69,9 +69,10 @@ JSON (`--json`, default results/scaling.json): {"kind": "scaling", "model": str,
 "rounds": [{"displaced": [float], "sync": [float], "step_times": [[float] per process],
 "compile_and_first_steps_s": float, "load_seconds": float, "wall_seconds": float,
 "load_average": [float]}]}], "speedup": float (1-process / 2-process corrected_async_gn
-median step), "speedup_fused": float | null (the same for corrected_async_gn+fused), "cost": {"n1/MODE" | "n2/MODE": {"flops_per_device": float,
-"exchanged_bytes": float, "collective_calls": int, "by_kind": {...}}} (XLA cost analysis and
-the step's collectives, abstract shapes), "seconds_total": float}.
+median step), "speedup_fused": float | null (the same for corrected_async_gn+fused),
+"cost": {"n1/MODE" | "n2/MODE": {"flops_per_device": float, "exchanged_bytes": float,
+"collective_calls": int, "by_kind": {...}}} (XLA cost analysis and the step's collectives,
+abstract shapes), "seconds_total": float}.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ def parse_args(argv):
     p.add_argument("--patches", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--mode", default="corrected_async_gn",
                    help="MODE or MODE+fused (a displaced step's sends exchanged together)")
+    p.add_argument("--pcpp", type=float, default=None, metavar="P",
+                   help="(model, --sdxl-shapes) PCPP portion p, e.g. 0.3")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--cfg-split", action="store_true", help="(model) CFG halves on 2 groups")
@@ -204,8 +207,8 @@ def sdxl_rows(args) -> list[dict]:
         base = None
         for n in [1] + [k for k in args.patches if k > 1]:
             t0 = time.perf_counter()
-            c = step_cost(model, params, ParallelConfig(patches=n, **mode_fields(args.mode)),
-                          lat, cond)
+            pc = ParallelConfig(patches=n, pcpp=args.pcpp, **mode_fields(args.mode))
+            c = step_cost(model, params, pc, lat, cond)
             base = c.flops if n == 1 else base
             orig = ORIGINAL.get((res, n), (None, None))
             row = {
@@ -279,7 +282,7 @@ def model_rows(args) -> list[dict]:
     for n in args.patches:
         fields = mode_fields(args.mode if n > 1 else "corrected_async_gn")
         pc = ParallelConfig(patches=n, cfg_split=args.cfg_split, warmup_steps=args.warmup_steps,
-                            **fields)
+                            pcpp=args.pcpp if n > 1 else None, **fields)
         pipe = DistriSDXLPipeline.from_pretrained(args.model, parallel=pc)
         h = args.height or pipe.default_size
         w = args.width or pipe.default_size
@@ -696,16 +699,16 @@ def main(argv=None) -> int:
         return 0
     if args.sdxl_shapes:
         rows = sdxl_rows(args)
-        res = {"kind": "sdxl_shapes", "mode": args.mode, "link_gbps": args.link_gbps,
-               "rows": rows, "seconds_total": time.perf_counter() - t0}
+        res = {"kind": "sdxl_shapes", "mode": args.mode, "pcpp": args.pcpp,
+               "link_gbps": args.link_gbps, "rows": rows, "seconds_total": time.perf_counter() - t0}
         out = _write_json(args.json, res)
         if not args.no_plots:
             plot_sdxl(rows, out.with_suffix(".png"))
         print_sdxl_table(rows, args.link_gbps)
         return 0
     rows = model_rows(args)
-    res = {"kind": "model", "model": args.model, "mode": args.mode, "cfg_split": args.cfg_split,
-           "steps": args.steps, "scheduler": args.scheduler, "warmup_steps": args.warmup_steps,
+    res = {"kind": "model", "model": args.model, "mode": args.mode, "pcpp": args.pcpp,
+           "cfg_split": args.cfg_split, "steps": args.steps, "scheduler": args.scheduler, "warmup_steps": args.warmup_steps,
            "cpu_devices": args.cpu_devices, "cpu_count": os.cpu_count(),
            "device_note": f"{args.cpu_devices} fake CPU devices on {os.cpu_count()} cores: "
                           "latency shows overhead, not speedup",

@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", default="corrected_async_gn", choices=MODES)
     p.add_argument("--naive-split", default="alternate", choices=("row", "col", "alternate"))
     p.add_argument("--warmup-steps", type=int, default=4)
+    p.add_argument("--pcpp", type=float, nargs="?", const=0.3, default=None, metavar="P",
+                   help="PCPP: displaced self-attention sees only the nearest P (default 0.3) of "
+                   "each neighbour band's tokens; less traffic and memory, lower quality")
     p.add_argument("--fused-exchange", action="store_true",
                    help="exchange a displaced step's activations in a few collectives at its "
                    "end (faster where collectives block, e.g. CPU processes; same image)")
@@ -127,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         naive_split=args.naive_split,
         warmup_steps=args.warmup_steps,
         fused_exchange=args.fused_exchange,
+        pcpp=args.pcpp,
     )
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
     pipe = DistriSDXLPipeline.from_pretrained(args.model, parallel=parallel, dtype=dtype)

@@ -21,7 +21,8 @@ Configurations (fake CPU devices, `--cpu-devices 8`): full_sync n = 2, 4, 8 (mus
 single-device image up to float rounding); corrected_async_gn n = 2, 4, 8 with w = 4 warm-up
 steps; the warm-up ablation w = 0, 1, 2 (+4) at n = 8; the GroupNorm ablation stale_gn, sync_gn,
 separate_gn (+ corrected_async_gn) and no_sync at n = 8; naive_patch `alternate` n = 2, 4, 8 and
-`row` n = 8 (no exchange at all; warm-up does not apply). All configurations run the whole set as
+`row` n = 8 (no exchange at all; warm-up does not apply); PCPP (p = 0.3, corrected_async_gn,
+w = 4) n = 2, 4, 8. All configurations run the whole set as
 one batch (one compile each).
 
 Outputs (`--out-dir`, default results/): quality.json, quality_vs_mode.png, quality_vs_warmup.png,
@@ -40,7 +41,8 @@ JSON schema (quality.json):
       "name": str,                    # e.g. "corrected-n8", "warmup-w0-n8", "naive_row-n8"
       "mode": str, "n": int, "warmup_steps": int | null (null for naive_patch),
       "naive_split": str | null,
-      "groups": [str],                # plots it belongs to: "n", "warmup", "gn", "naive", "exact"
+      "groups": [str],                # plots: "n", "warmup", "gn", "naive", "exact", "pcpp"
+      "pcpp": float | null,           # PCPP portion p (null: DistriFusion attention)
       "psnr_mean": float | null,      # mean over images that differ (dB); null if all equal
       "psnr_std": float | null,
       "n_identical": int,             # images bit-identical to the single-device image
@@ -87,14 +89,18 @@ class Config:
     warmup_steps: int | None = 4
     naive_split: str | None = None
     groups: tuple[str, ...] = ()
+    pcpp: float | None = None
 
     def parallel(self):
         from distrifusion_jax.parallel.config import ParallelConfig
 
         return ParallelConfig(
             patches=self.n, mode=self.mode, naive_split=self.naive_split or "row",
-            warmup_steps=4 if self.warmup_steps is None else self.warmup_steps,
+            warmup_steps=4 if self.warmup_steps is None else self.warmup_steps, pcpp=self.pcpp,
         )
+
+
+PCPP = 0.3  # the PCPP paper's portion of each neighbour band
 
 
 def default_configs(n_max: int = 8) -> list[Config]:
@@ -110,6 +116,8 @@ def default_configs(n_max: int = 8) -> list[Config]:
     cfgs += [Config(f"naive_alternate-n{n}", "naive_patch", n, None, "alternate",
                     groups=("n", "naive") if n == big else ("n",)) for n in ns]
     cfgs += [Config(f"naive_row-n{big}", "naive_patch", big, None, "row", groups=("naive",))]
+    cfgs += [Config(f"pcpp-n{n}", "corrected_async_gn", n, groups=("n", "pcpp"), pcpp=PCPP)
+             for n in ns]
     return cfgs
 
 
@@ -304,7 +312,7 @@ def plot_all(result: dict, images: dict, ref, out_dir: Path, grid_pairs: list[in
 
     # quality vs mode (n = the largest)
     mode_rows = [c for c in result["configs"] if c["n"] == max(r["n"] for r in result["configs"])
-                 and ({"gn", "naive", "exact"} & set(c["groups"]))]
+                 and ({"gn", "naive", "exact", "pcpp"} & set(c["groups"]))]
     if mode_rows:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
         labels = [c["name"] for c in mode_rows]
@@ -346,13 +354,16 @@ def plot_all(result: dict, images: dict, ref, out_dir: Path, grid_pairs: list[in
     series = {
         "DistriFusion (corrected_async_gn, w=4)": [c for c in result["configs"]
                                                    if c["mode"] == "corrected_async_gn"
-                                                   and "n" in c["groups"]],
+                                                   and "n" in c["groups"]
+                                                   and c.get("pcpp") is None],
+        f"PCPP (p={PCPP}, corrected_async_gn, w=4)": [c for c in result["configs"]
+                                                      if c.get("pcpp") is not None],
         "naive patch (alternate)": [c for c in result["configs"]
                                     if c["naive_split"] == "alternate"],
     }
     if any(series.values()):
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-        for (label, cs), style in zip(series.items(), ("o-", "s--")):
+        for (label, cs), style in zip(series.items(), ("o-", "s--", "^-.")):
             cs = sorted(cs, key=lambda c: c["n"])
             if not cs:
                 continue
@@ -497,7 +508,7 @@ def main(argv=None) -> int:
         row = {
             "name": cfg.name, "mode": cfg.mode, "n": cfg.n,
             "warmup_steps": None if cfg.mode == "naive_patch" else cfg.warmup_steps,
-            "naive_split": cfg.naive_split, "groups": list(cfg.groups),
+            "naive_split": cfg.naive_split, "groups": list(cfg.groups), "pcpp": cfg.pcpp,
             **summarize(per, ref, img),
             "class_agreement": None if cls is None else float((cls == ref_cls).mean()),
             "class_accuracy": None if cls is None else float((cls == prompt_cls).mean()),

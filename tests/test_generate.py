@@ -22,13 +22,14 @@ FAST = ["--steps", "3", "--warmup-steps", "1"]
 def test_writes_png_with_metadata(tiny_sdxl, tmp_path, capsys):
     out = tmp_path / "img.png"
     rc = generate.main(["--model", str(tiny_sdxl.root), "--output", str(out), "--patches", "4",
-                        "--cfg-split", "--seed", "7", *FAST])
+                        "--cfg-split", "--seed", "7", "--pcpp", "--fused-exchange", *FAST])
     assert rc == 0
     img = Image.open(out)
     assert img.size == (64, 64)
     assert img.text["prompt"] == generate.DEFAULT_PROMPT and img.text["seed"] == "7"
     parallel = json.loads(img.text["parallel"])
     assert parallel["patches"] == 4 and parallel["cfg_split"] is True
+    assert parallel["pcpp"] == 0.3 and parallel["fused_exchange"] is True
     printed = capsys.readouterr().out
     assert "ms/step" in printed and "compile" in printed
 
@@ -43,6 +44,8 @@ def test_writes_png_with_metadata(tiny_sdxl, tmp_path, capsys):
         (["--patches", "16"], "devices"),
         (["--patches", "8", "--height", "16"], "patches"),
         (["--mode", "full_sync", "--cfg-split", "--guidance", "1.0"], "guidance"),
+        (["--pcpp", "1.5"], "0 <= p <= 1"),
+        (["--mode", "full_sync", "--patches", "2", "--pcpp"], "displaced"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
 )

@@ -63,14 +63,16 @@ class Attention(nn.Module):
             if not self.self_attention and self.is_mutable_collection(TEXT_KV):
                 self.put_variable(TEXT_KV, "k", k)
                 self.put_variable(TEXT_KV, "v", v)
+        mask = None
         if self.self_attention:
-            # On a row band: K,V of every band (fresh, or stale with our slice fresh).
-            k, v = KVExchange(patch=self.patch, name="kv_exchange")(k, v)  # [B, L_full, inner]
+            # On a row band: K,V of every band (fresh, or stale with our slice fresh), or a
+            # PCPP window of the neighbours' nearest rows (masked where there is none).
+            k, v, mask = KVExchange(patch=self.patch, name="kv_exchange")(k, v)  # [B, S, inner]
         b = q.shape[0]
         q = q.reshape(b, -1, self.heads, self.dim_head)  # [B, L, heads, dh]
         k = k.reshape(b, -1, self.heads, self.dim_head)
         v = v.reshape(b, -1, self.heads, self.dim_head)
-        o = jax.nn.dot_product_attention(q, k, v)  # [B, L, heads, dh]; logits in fp32
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, L, heads, dh]; fp32 logits
         o = o.reshape(b, -1, inner)
         return dense(self.out_dim, "to_out_0", True)(o)
 

@@ -189,9 +189,9 @@ class Attention(_Base):
         )
         t = self.norm("group_norm")(x).reshape(b, h * w, c)  # [B, L, C] (a band's L on a patch)
         q, k, v = dense("to_q")(t), dense("to_k")(t), dense("to_v")(t)
-        k, v = KVExchange(self.patch, name="kv_exchange")(k, v)  # full-image K,V on a patch
+        k, v, mask = KVExchange(self.patch, name="kv_exchange")(k, v)  # full-image K,V
         # [B, L, 1, C]: one head of size C (diffusers: attention_head_dim = channels)
-        y = jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None])
+        y = jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], mask=mask)
         y = dense("to_out_0")(y.reshape(b, h * w, c)).reshape(b, h, w, c)
         return y + x
 

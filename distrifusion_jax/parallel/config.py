@@ -24,7 +24,8 @@ class PatchContext:
     A model built with `patch=None` is the plain single-device model. `displaced=False` is a
     synchronous step (exact, fills the stale state); `displaced=True` reads last step's state.
     `fused_exchange`: a displaced step's sends are parked and exchanged together at its end
-    (`exchange.flush`) instead of one collective per layer.
+    (`exchange.flush`) instead of one collective per layer. `pcpp`: PCPP portion p (displaced
+    self-attention sees its neighbours' nearest p of rows only), None for DistriFusion.
     """
 
     n: int
@@ -32,6 +33,7 @@ class PatchContext:
     mode: str = "corrected_async_gn"
     displaced: bool = False
     fused_exchange: bool = False
+    pcpp: float | None = None
 
     def __post_init__(self):
         if self.mode not in MODES or self.mode == "naive_patch":
@@ -80,6 +82,9 @@ class ParallelConfig:
       fused_exchange: a displaced step exchanges everything for step t+1 in a few collectives
         at its end instead of one per layer: for hosts whose collectives block and cost a fixed
         latency each (CPU processes); on accelerators per-layer sends overlap with compute.
+      pcpp: PCPP portion p in [0, 1] (arXiv 2412.02962; the paper uses 0.3): in displaced steps
+        self-attention on band i sees its own tokens and the nearest p of the tokens of bands
+        i-1 and i+1 (stale), and only those are sent; None: DistriFusion (every band's K,V).
     """
 
     patches: int = 1
@@ -89,10 +94,19 @@ class ParallelConfig:
     naive_split: str = "row"
     warmup_steps: int = 4
     fused_exchange: bool = False
+    pcpp: float | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {list(MODES)}.")
+        if self.pcpp is not None:
+            if not 0.0 <= self.pcpp <= 1.0:
+                raise ValueError(f"pcpp={self.pcpp} is a portion of a band: use 0 <= p <= 1.")
+            if self.mode in ("full_sync", "naive_patch"):
+                raise ValueError(
+                    f"pcpp changes displaced steps; mode {self.mode!r} has none: use it with "
+                    "corrected_async_gn (or another displaced mode), or drop pcpp."
+                )
         if self.naive_split not in NAIVE_SPLITS:
             raise ValueError(
                 f"unknown naive_split {self.naive_split!r}; choose one of {list(NAIVE_SPLITS)}."
@@ -121,6 +135,7 @@ class ParallelConfig:
             mode=self.mode,
             displaced=displaced,
             fused_exchange=self.fused_exchange,
+            pcpp=self.pcpp,
         )
 
     def check_shapes(

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distrifusion_jax.parallel.attention import KVExchange
+from distrifusion_jax.parallel.attention import KVExchange, pcpp_tokens
 from distrifusion_jax.parallel.comm import exchanged
 from distrifusion_jax.parallel.config import ParallelConfig
 from distrifusion_jax.parallel.conv import PatchConv, halo_rows
@@ -102,8 +102,10 @@ def analytic_exchange(step, args) -> dict[str, float]:
     shape: a conv with kernel k > 1 on a band `[B, h, W, C]` receives its halo rows from the
     two neighbours, `(above + below) * B * W * C` (`halo_rows`: 1 + 1 for a 3x3 conv, 1 + 0 for
     a 3x3 stride-2 conv); self-attention receives the other n - 1 bands' K and V, `(n - 1) *
-    (|k| + |v|)` for local `k, v` `[B, L/n, C]`; GroupNorm receives the other bands' moments
-    `(n - 1) * 2 * B * G`. A layer that exchanges nothing in this step's mode counts zero.
+    (|k| + |v|)` for local `k, v` `[B, L/n, C]` (under PCPP, in a displaced step, r tokens of K
+    and V from each of the two neighbours, `2 * r * B * 2C`); GroupNorm receives the other
+    bands' moments `(n - 1) * 2 * B * G`. A layer that exchanges nothing in this step's mode
+    counts zero.
     """
     counts: Counter = Counter()
 
@@ -119,7 +121,13 @@ def analytic_exchange(step, args) -> dict[str, float]:
             counts["conv halo rows"] += (above + below) * b * w * c
         elif isinstance(m, KVExchange) and sends:
             k, v = fargs[:2]
-            counts["self-attention K,V"] += (ctx.n - 1) * (math.prod(k.shape) + math.prod(v.shape))
+            if ctx.pcpp is not None and not ctx.sync_exchange:  # r tokens from each neighbour
+                r = pcpp_tokens(ctx.pcpp, k.shape[1])
+                counts["self-attention K,V"] += 2 * r * k.shape[0] * (k.shape[2] + v.shape[2])
+            else:
+                counts["self-attention K,V"] += (ctx.n - 1) * (
+                    math.prod(k.shape) + math.prod(v.shape)
+                )
         elif isinstance(m, PatchGroupNorm) and (
             ctx.sync_groupnorm or ctx.mode not in ("separate_gn", "no_sync")
         ):

@@ -13,7 +13,8 @@ layer's collective where the layer runs (`fused=False`: on an accelerator XLA ov
 with the rest of the step), or parks the local value in the "outbox" collection, and `flush`
 then exchanges the whole outbox in one `ppermute` per direction and one `all_gather` per
 dtype (`fused=True`: where collectives block and cost a fixed latency each, as on CPU hosts).
-Both give bit-identical state.
+Both deliver the same values (up to the last bit where XLA fuses the computation of a sent
+value differently in the two programs).
 """
 
 from __future__ import annotations

@@ -81,12 +81,12 @@ def test_stepper_equals_sampler(toy, pc):  # noqa: F811
 @pytest.mark.parametrize("pc", [ParallelConfig(patches=4, warmup_steps=1),
                                 ParallelConfig(patches=2, cfg_split=True, mode="stale_gn")],
                          ids=str)
-def test_fused_exchange_trajectory_is_bit_identical(toy, pc):  # noqa: F811
+def test_fused_exchange_trajectory_equals_per_layer(toy, pc):  # noqa: F811
     """The whole jitted sampler (two lax.scans, donated carry) with fused exchange."""
     import dataclasses
 
     model, params, x, cond = toy
     fused = dataclasses.replace(pc, fused_exchange=True)
     a, b = run(model, params, x, cond, pc), run(model, params, x, cond, fused)
-    np.testing.assert_array_equal(a, b)
+    assert rel_err(b, a) <= 1e-6  # same values exchanged; XLA may fuse differently (1 ulp)
     assert rel_err(a, run(model, params, x, cond, ParallelConfig())) > 1e-6  # displaced ran
