@@ -8,13 +8,16 @@ names in `RULES`; the name says how a device's local value becomes what its peer
 - `k`, `v`: local keys/values `[B, L/n, C]`, `all_gather`ed along tokens to `[B, L, C]`;
 - `moments`: local GroupNorm moments `[2, B, G]`, `all_gather`ed to `[n, 2, B, G]`.
 
+(PCPP self-attention keeps its neighbours' edge tokens of K,V, stacked `[2, B, r, C]`, as
+`above`/`below` too.)
+
 In a displaced step the exchanged values are read only in step t+1. `send` either issues each
-layer's collective where the layer runs (`fused=False`: on an accelerator XLA overlaps each
-with the rest of the step), or parks the local value in the "outbox" collection, and `flush`
-then exchanges the whole outbox in one `ppermute` per direction and one `all_gather` per
-dtype (`fused=True`: where collectives block and cost a fixed latency each, as on CPU hosts).
-Both deliver the same values (up to the last bit where XLA fuses the computation of a sent
-value differently in the two programs).
+layer's collective where the layer runs (default: on an accelerator XLA overlaps each with the
+rest of the step), or, with `ctx.fused_exchange`, parks the local value in the "outbox"
+collection, and `flush` then exchanges the whole outbox in one `ppermute` per direction and one
+`all_gather` per dtype (for hosts where collectives block and cost a fixed latency each, as CPU
+processes). Both deliver the same values (up to the last bit where XLA fuses the computation of
+a sent value differently in the two programs).
 """
 
 from __future__ import annotations
