@@ -22,13 +22,19 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from distrifusion_jax.checkpoint import load_component
+from distrifusion_jax.io.checkpoint import load_component
 from distrifusion_jax.parallel.config import ParallelConfig
 from distrifusion_jax.parallel.mesh import make_mesh, to_global, to_host
 from distrifusion_jax.parallel.step import cond_spec, latent_spec, make_decode
 from distrifusion_jax.prompt import TextEncoder, encode_prompts
 from distrifusion_jax.sampling import scheduler_from_config
-from distrifusion_jax.sampling.sample import make_sampler, make_stepper
+from distrifusion_jax.sampling.sample import (
+    StepTime,
+    compile_seconds,
+    make_sampler,
+    make_stepper,
+    steady_step,
+)
 
 
 def _load_tokenizer(folder: Path):
@@ -39,17 +45,20 @@ def _load_tokenizer(folder: Path):
 
 @dataclasses.dataclass
 class Timings:
-    """Seconds spent in the last call (compile time is included in `first_call`)."""
+    """Seconds spent in the last call; `step_times` only with a `progress` driver."""
 
     encode: float = 0.0
-    denoise: float = 0.0
+    denoise: float = 0.0  # all steps, compiles included
     decode: float = 0.0
-    step_times: list[float] = dataclasses.field(default_factory=list)
+    step_times: list[StepTime] = dataclasses.field(default_factory=list)
 
     def steady_step(self) -> float:
-        """Median step time over steps that did not compile (NaN if none)."""
-        s = self.step_times
-        return float(np.median(s[2:])) if len(s) > 2 else float("nan")
+        """Median seconds of the steps that did not compile (NaN if none)."""
+        return steady_step(self.step_times)
+
+    def compile_seconds(self) -> float:
+        """Seconds the compiling steps took beyond a steady step."""
+        return compile_seconds(self.step_times)
 
 
 @dataclasses.dataclass
@@ -76,7 +85,7 @@ class DistriSDXLPipeline:
         dtype: Any = jnp.float32,
         mesh: Any = None,
         **load_kw: Any,
-    ) -> "DistriSDXLPipeline":
+    ) -> DistriSDXLPipeline:
         """Load every component of a diffusers or converted folder.
 
         Args:
@@ -220,7 +229,7 @@ class DistriSDXLPipeline:
         elif tuple(noise.shape) != lat_shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {lat_shape}.")
         noise = np.asarray(noise, np.float32)
-        spec = P("data") if pc.mode == "naive_patch" else latent_spec("row")
+        spec = P("data") if pc.naive else latent_spec("row")
         noise = to_global(noise, self.mesh, spec)
         step_key = to_global(np.asarray(step_key), self.mesh, P())
         self.timings = Timings(encode=time.perf_counter() - t0)
@@ -249,7 +258,7 @@ class DistriSDXLPipeline:
         z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         if "decode" not in self._compiled:
             self._compiled["decode"] = make_decode(self.vae, self.parallel, self.mesh)
-        if self.parallel.mode == "naive_patch":  # latents are whole on every device
+        if self.parallel.naive:  # latents are whole on every device
             z = to_global(to_host(z), self.mesh, latent_spec("row"))
         image = to_host(self._compiled["decode"](self.vae_params, z.astype(self.vae.dtype)))
         self.timings.decode = time.perf_counter() - t0

@@ -71,10 +71,11 @@ def run_child(cmd: list[str]) -> dict[str, float]:
 
 def param_bytes(folder: Path) -> int:
     """Bytes of the tensors in a diffusers folder's safetensors (header only)."""
-    from convert.weights import find_weights, open_file
+    from distrifusion_jax.io.weights import find_weights, open_file
 
     with open_file(find_weights(folder)) as src:
-        return sum(src.nbytes(k) for k in src.keys())
+        names = src.keys()
+        return sum(src.nbytes(k) for k in names)
 
 
 def du(path: Path) -> int:

@@ -1,25 +1,24 @@
 """scripts/benchmark.py model mode: FLOPs split 1/n, the three exchange counts agree, JSON rows."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from distrifusion_jax.eval.benchmark_model import model_rows, print_model_table
+from distrifusion_jax.eval.mode_labels import mode_fields
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import benchmark  # noqa: E402
 
 
-def test_model_mode_rows(tiny_sdxl, tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    rc = benchmark.main(["--model", str(tiny_sdxl.root), "--patches", "1", "2", "4", "--steps",
-                         "5", "--warmup-steps", "1", "--json", str(out), "--no-plots"])
-    assert rc == 0
-    res = json.loads(out.read_text())
-    assert res["kind"] == "model" and [r["n"] for r in res["rows"]] == [1, 2, 4]
-    one, *parallel = res["rows"]
+def test_model_mode_rows(tiny_sdxl, capsys):
+    rows = model_rows(str(tiny_sdxl.root), [1, 2, 4], steps=5, warmup_steps=1)
+    assert [r["n"] for r in rows] == [1, 2, 4]
+    one, *parallel = rows
     assert one["exchanged_elements"] == 0 and one["state_bytes"] == 0
+    assert one["compile_and_first_steps_seconds"] > one["median_step_seconds"] > 0
     for r in parallel:
         # Every layer splits by rows; only the replicated embeddings and text K,V do not.
         assert abs(r["flops_ratio_vs_1"] * r["n"] - 1) < 0.03, r["flops_ratio_vs_1"]
@@ -27,16 +26,54 @@ def test_model_mode_rows(tiny_sdxl, tmp_path, capsys):
         assert sum(r["analytic_elements"].values()) == r["exchanged_elements"]
         assert r["state_bytes"] > 0 and r["peak_bytes"] > 0
         assert r["median_step_seconds"] > 0 and r["end_to_end_seconds"] > 0
+    res = {
+        "model": "tiny",
+        "steps": 5,
+        "scheduler": "ddim",
+        "mode": "corrected_async_gn",
+        "warmup_steps": 1,
+        "cfg_split": False,
+        "device_note": "fake",
+        "rows": rows,
+    }
+    print_model_table(res)
     assert "HLO k el" in capsys.readouterr().out
 
 
-def test_mode_labels():
-    """The script's spelled-out modes are the library's; bad labels name the fix."""
-    from distrifusion_jax.parallel.config import MODES
+def test_script_writes_json(tmp_path):
+    """The command line: flags, JSON schema and table (one n, so it stays quick)."""
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "benchmark.py"),
+            "--patches",
+            "1",
+            "--steps",
+            "3",
+            "--warmup-steps",
+            "1",
+            "--cpu-devices",
+            "1",
+            "--json",
+            str(out),
+            "--no-plots",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["kind"] == "model" and [r["n"] for r in res["rows"]] == [1]
+    assert "step ms" in run.stdout
 
-    assert benchmark.MODES == MODES
-    assert benchmark.mode_fields("stale_gn+fused") == {"mode": "stale_gn", "fused_exchange": True}
-    assert benchmark.mode_fields("full_sync") == {"mode": "full_sync", "fused_exchange": False}
+
+def test_mode_labels():
+    """Labels are the library's modes, optionally `+fused`; bad labels name the fix."""
+    assert mode_fields("stale_gn+fused") == {"mode": "stale_gn", "fused_exchange": True}
+    assert mode_fields("full_sync") == {"mode": "full_sync", "fused_exchange": False}
     for bad in ("corrected", "corrected_async_gn+fast"):
         with pytest.raises(ValueError, match=r"\+fused"):
-            benchmark.mode_fields(bad)
+            mode_fields(bad)

@@ -1,9 +1,8 @@
-"""scripts/generate.py: writes a PNG with its settings; every bad input is one line on stderr,
+"""distrifusion_jax/cli/generate.py (scripts/generate.py): writes a PNG with its settings; every bad input is one line on stderr,
 a non-zero exit and no output file; two local processes give the one-process image."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +11,32 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from distrifusion_jax.cli import generate
+from distrifusion_jax.eval.launcher import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import generate  # noqa: E402
 
 FAST = ["--steps", "3", "--warmup-steps", "1"]
 
 
 def test_writes_png_with_metadata(tiny_sdxl, tmp_path, capsys):
     out = tmp_path / "img.png"
-    rc = generate.main(["--model", str(tiny_sdxl.root), "--output", str(out), "--patches", "4",
-                        "--cfg-split", "--seed", "7", "--pcpp", "--fused-exchange", *FAST])
+    rc = generate.main(
+        [
+            "--model",
+            str(tiny_sdxl.root),
+            "--output",
+            str(out),
+            "--patches",
+            "4",
+            "--cfg-split",
+            "--seed",
+            "7",
+            "--pcpp",
+            "--fused-exchange",
+            *FAST,
+        ]
+    )
     assert rc == 0
     img = Image.open(out)
     assert img.size == (64, 64)
@@ -67,23 +81,37 @@ def test_existing_output_refused(tiny_sdxl, tmp_path, capsys):
     assert out.read_bytes() == b"keep me"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one(tiny_sdxl, tmp_path):
     """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) == 1 process x 8 devices."""
-    common = [sys.executable, str(REPO / "scripts" / "generate.py"), "--model",
-              str(tiny_sdxl.root), "--patches", "4", "--cfg-split", *FAST]
+    common = [
+        sys.executable,
+        str(REPO / "scripts" / "generate.py"),
+        "--model",
+        str(tiny_sdxl.root),
+        "--patches",
+        "4",
+        "--cfg-split",
+        *FAST,
+    ]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
-            [*common, "--output", str(tmp_path / f"multi{i}.png"), "--coordinator",
-             f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                *common,
+                "--output",
+                str(tmp_path / f"multi{i}.png"),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for i in range(2)
     ]
@@ -91,8 +119,14 @@ def test_two_processes_equal_one(tiny_sdxl, tmp_path):
     assert all(p.returncode == 0 for p in procs), logs
     assert not (tmp_path / "multi1.png").exists()  # only process 0 writes
     env8 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    single = subprocess.run([*common, "--output", str(tmp_path / "one.png")], env=env8,
-                            capture_output=True, text=True, timeout=600)
+    single = subprocess.run(
+        [*common, "--output", str(tmp_path / "one.png")],
+        env=env8,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr
     a = np.asarray(Image.open(tmp_path / "multi0.png"), np.int16)
     b = np.asarray(Image.open(tmp_path / "one.png"), np.int16)

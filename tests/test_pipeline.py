@@ -13,10 +13,26 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def pipes(tiny_sdxl):
-    def make(**kw):
-        return DistriSDXLPipeline.from_pretrained(tiny_sdxl.root, parallel=ParallelConfig(**kw))
+    """`pipes(**parallel_kw)`: the pipeline for that ParallelConfig, loaded once per config (its
+    compiled programs are cached inside it)."""
+    loaded = {}
 
-    return make
+    def get(**kw):
+        key = tuple(sorted(kw.items()))
+        if key not in loaded:
+            pc = ParallelConfig(**kw)
+            loaded[key] = DistriSDXLPipeline.from_pretrained(tiny_sdxl.root, parallel=pc)
+        return loaded[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(tiny_sdxl):
+    """diffusers' StableDiffusionXLPipeline on the same folder (torch, loaded once)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl.root))
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +45,13 @@ def psnr(a, b):
     return 10 * np.log10(255.0**2 / mse) if mse else float("inf")
 
 
-def test_prompt_encoding_equals_diffusers(tiny_sdxl, pipes):
+def test_prompt_encoding_equals_diffusers(torch_pipe, pipes):
     import torch
-    from diffusers import StableDiffusionXLPipeline
 
     from distrifusion_jax.prompt import encode_prompts
 
-    ref = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl.root))
     with torch.no_grad():
-        pe, npe, pp, npp = ref.encode_prompt(
+        pe, npe, pp, npp = torch_pipe.encode_prompt(
             [PROMPT], negative_prompt=["blurry"], do_classifier_free_guidance=True
         )
     pipe = pipes()
@@ -49,14 +63,15 @@ def test_prompt_encoding_equals_diffusers(tiny_sdxl, pipes):
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m"])
-def test_image_equals_diffusers_pipeline(tiny_sdxl, pipes, scheduler):
+def test_image_equals_diffusers_pipeline(torch_pipe, pipes, scheduler):
     """Same weights, same unit noise: diffusers' StableDiffusionXLPipeline (torch) vs ours."""
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
-    ref = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl.root))
-    if scheduler == "dpmpp_2m":
-        ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
+    ref = torch_pipe
+    if scheduler == "dpmpp_2m":  # a second pipeline over the same modules
+        sched = DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
+        ref = StableDiffusionXLPipeline(**{**ref.components, "scheduler": sched})
     noise = np.random.default_rng(0).standard_normal((1, 32, 32, 4)).astype(np.float32)
     with torch.no_grad():
         want = ref(

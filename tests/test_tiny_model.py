@@ -6,33 +6,22 @@ images far above chance (10%). ~1.5 min on one CPU core, mostly the generation.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from distrifusion_jax import checkpoint
+from distrifusion_jax.cli import generate
+from distrifusion_jax.eval.classifier import classify, conditioning_accuracy, load_classifier
+from distrifusion_jax.io import checkpoint
+from distrifusion_jax.tiny.fashion_mnist import CLASSES, DATA, PROMPTS, load_fashion_mnist
+from distrifusion_jax.tiny.samples import generate_images
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "distrifusion_jax" / "assets" / "tiny-sdxl"
+MODEL = generate.DEFAULT_MODEL  # distrifusion_jax/assets/tiny-sdxl
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # 10 classes x 2 seeds: the training run measured ~TRAINED_ACCURACY on 10 x 8 seeds (see
 # training.json); 50% is 5x chance and leaves room for a few misses on this smaller set.
 MIN_ACCURACY = 0.5
-
-
-def _train_tiny():
-    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "scripts" / "train_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def train_tiny():
-    return _train_tiny()
 
 
 def test_converted_layout_loads():
@@ -83,24 +72,19 @@ def test_size_on_disk():
     assert size <= 30e6, f"{MODEL} is {size / 1e6:.1f} MB"
 
 
-def test_classifier_on_real_images(train_tiny):
-    if not (train_tiny.DATA / "t10k-images-idx3-ubyte.gz").is_file():
+def test_classifier_on_real_images():
+    if not (DATA / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("apt-get install -y dataset-fashion-mnist for the real test images")
-    x, y = train_tiny.load_fashion_mnist("test")
-    params = train_tiny.load_classifier(MODEL / "classifier.npz")
-    acc = float((train_tiny.classify(params, x) == y).mean())
+    x, y = load_fashion_mnist("test")
+    params = load_classifier(MODEL / "classifier.npz")
+    acc = float((classify(params, x) == y).mean())
     print(f"classifier accuracy on the 10k real test images: {acc:.3f}")
     assert acc >= 0.8
 
 
 def test_default_generate_run_writes_png(tmp_path, monkeypatch, capsys):
     """`python scripts/generate.py` with no arguments: the shipped model, a 32x32 PNG."""
-    import sys
-
     from PIL import Image
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import generate
 
     monkeypatch.chdir(tmp_path)  # the default --output is out.png in the working directory
     assert generate.main([]) == 0
@@ -109,10 +93,11 @@ def test_default_generate_run_writes_png(tmp_path, monkeypatch, capsys):
     assert Image.open(tmp_path / "out.png").text["prompt"] == generate.DEFAULT_PROMPT
 
 
-def test_generated_images_follow_prompts(train_tiny):
-    images = train_tiny.generate_images(MODEL, list(train_tiny.PROMPTS), seeds=[0, 1], steps=20)
+def test_generated_images_follow_prompts():
+    """Through the library pipeline (Euler from the model's scheduler config, CFG 5)."""
+    images = generate_images(MODEL, list(PROMPTS), seeds=[0, 1], steps=20)
     assert images.shape == (10, 2, 32, 32, 3) and images.dtype == np.uint8
     assert images.std() > 20  # not blank
-    acc = train_tiny.conditioning_accuracy(images, MODEL / "classifier.npz")
-    print("accuracy per class:", dict(zip(train_tiny.CLASSES, acc.round(2).tolist())))
+    acc = conditioning_accuracy(images, MODEL / "classifier.npz")
+    print("accuracy per class:", dict(zip(CLASSES, acc.round(2).tolist())))
     assert acc.mean() >= MIN_ACCURACY, f"prompted class recognised in {acc.mean():.0%} of images"

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import torch
 
-from convert.keys import convert_tensors
+from distrifusion_jax.io.keys import convert_tensors
 
 # SDXL topology (environment.md §5, diffusers' SDXL `get_dummy_components`) with 8 GroupNorm
 # groups instead of 1/32, so group statistics span several channels and several groups.

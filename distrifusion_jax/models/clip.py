@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-# Pass to `convert.keys.convert_tensors(..., strip_prefix=STRIP_PREFIX)` for either encoder.
+# Pass to `distrifusion_jax.io.keys.convert_tensors(..., strip_prefix=STRIP_PREFIX)` for either
+# encoder.
 STRIP_PREFIX = "text_model."
 
 ACTIVATIONS = {
@@ -38,17 +39,7 @@ LEGACY_EOS_TOKEN_ID = 2
 _MODEL_TYPES = ("clip_text_model",)
 # Generic PretrainedConfig keys (transformers 4 and 5) that do not change the text encoder.
 _IGNORED_HF_KEYS = frozenset(
-    """transformers_version architectures output_hidden_states output_attentions return_dict dtype
-    torch_dtype chunk_size_feed_forward is_encoder_decoder id2label label2id problem_type
-    initializer_range initializer_factor attention_dropout dropout add_cross_attention
-    bad_words_ids begin_suppress_tokens cross_attention_hidden_size decoder_start_token_id
-    diversity_penalty do_sample early_stopping encoder_no_repeat_ngram_size
-    exponential_decay_length_penalty finetuning_task forced_bos_token_id forced_eos_token_id
-    is_decoder length_penalty max_length min_length no_repeat_ngram_size num_beam_groups num_beams
-    num_return_sequences output_scores prefix pruned_heads remove_invalid_values
-    repetition_penalty return_dict_in_generate sep_token_id suppress_tokens task_specific_params
-    temperature tf_legacy_loss tie_encoder_decoder tie_word_embeddings tokenizer_class top_k top_p
-    torchscript typical_p use_bfloat16 gradient_checkpointing""".split()
+    ["transformers_version", "architectures", "output_hidden_states", "output_attentions", "return_dict", "dtype", "torch_dtype", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type", "initializer_range", "initializer_factor", "attention_dropout", "dropout", "add_cross_attention", "bad_words_ids", "begin_suppress_tokens", "cross_attention_hidden_size", "decoder_start_token_id", "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty", "finetuning_task", "forced_bos_token_id", "forced_eos_token_id", "is_decoder", "length_penalty", "max_length", "min_length", "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences", "output_scores", "prefix", "pruned_heads", "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "sep_token_id", "suppress_tokens", "task_specific_params", "temperature", "tf_legacy_loss", "tie_encoder_decoder", "tie_word_embeddings", "tokenizer_class", "top_k", "top_p", "torchscript", "typical_p", "use_bfloat16", "gradient_checkpointing"]
 )
 
 
@@ -81,13 +72,13 @@ class CLIPTextConfig:
                 f"num_attention_heads={self.num_attention_heads}."
             )
         if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - every config check raises ValueError
                 f"CLIPTextConfig eos_token_id={self.eos_token_id!r} is not supported; "
                 "supported: one int (the pooled output is taken at that token)."
             )
 
     @classmethod
-    def from_hf(cls, d: dict) -> "CLIPTextConfig":
+    def from_hf(cls, d: dict) -> CLIPTextConfig:
         """From a transformers `CLIPTextConfig` config.json dict (text_encoder/, text_encoder_2/).
 
         Generic PretrainedConfig keys and `_`-prefixed metadata are ignored; any other unknown
@@ -189,7 +180,7 @@ class CLIPTextEmbeddings(nn.Module):
                 f"sequence length {s} exceeds max_position_embeddings "
                 f"{cfg.max_position_embeddings}."
             )
-        embed = lambda n, name: nn.Embed(  # noqa: E731
+        embed = lambda n, name: nn.Embed(
             n, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         tokens = embed(cfg.vocab_size, "token_embedding")(input_ids)
@@ -209,7 +200,7 @@ class CLIPAttention(nn.Module):
         cfg = self.config
         b, s, d = x.shape
         heads = cfg.num_attention_heads
-        dense = lambda name: nn.Dense(  # noqa: E731
+        dense = lambda name: nn.Dense(
             d, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         q = dense("q_proj")(x).reshape(b, s, heads, d // heads)  # [B, S, N, H]
@@ -245,7 +236,7 @@ class CLIPEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        ln = lambda name: nn.LayerNorm(  # noqa: E731
+        ln = lambda name: nn.LayerNorm(
             epsilon=self.config.layer_norm_eps, name=name, **kw
         )
         x = x + CLIPAttention(self.config, name="self_attn", **kw)(ln("layer_norm1")(x), mask)

@@ -89,7 +89,7 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = lambda name: nn.Dense(  # noqa: E731
+        dense = lambda name: nn.Dense(
             self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         x = dense("linear_1")(x)

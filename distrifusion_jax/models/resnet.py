@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distrifusion_jax.models.layers import Dense
 from distrifusion_jax.parallel import PatchContext, PatchConv, PatchGroupNorm
 
 Dtype = Any
@@ -33,21 +34,28 @@ class ResnetBlock2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
         kw = dict(patch=self.patch, dtype=self.dtype, param_dtype=self.param_dtype)
+        # Inside the block everything is fp32 but the convs' inputs (cast to dtype by the conv),
+        # so in bf16 it rounds 3 times (conv1 and conv2 inputs, the output), torch's about 8.
+        f32 = dict(kw, out_dtype=jnp.float32)
+        norm_kw = dict(kw, dtype=jnp.float32)
         c = self.out_channels
-        h = PatchGroupNorm(self.groups, self.eps, name="norm1", **kw)(x)
+        h = PatchGroupNorm(self.groups, self.eps, name="norm1", **norm_kw)(x)
         h = nn.silu(h)
-        h = PatchConv(c, 3, 1, 1, name="conv1", **kw)(h)
-        t = nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="time_emb_proj")(
-            nn.silu(temb)
-        )  # [B, C]
+        h = PatchConv(c, 3, 1, 1, name="conv1", **f32)(h)
+        t = Dense(
+            c,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            out_dtype=jnp.float32,
+            name="time_emb_proj",
+        )(nn.silu(temb))  # [B, C]
         h = h + t[:, None, None, :]
-        h = PatchGroupNorm(self.groups, self.eps, name="norm2", **kw)(h)
+        h = PatchGroupNorm(self.groups, self.eps, name="norm2", **norm_kw)(h)
         h = nn.silu(h)
-        h = PatchConv(c, 3, 1, 1, name="conv2", **kw)(h)
+        h = PatchConv(c, 3, 1, 1, name="conv2", **f32)(h)
         if x.shape[-1] != c:
-            x = PatchConv(c, 1, 1, 0, name="conv_shortcut", **kw)(x)
-        x = x.astype(self.dtype)
-        return (x + h) / self.output_scale_factor
+            x = PatchConv(c, 1, 1, 0, name="conv_shortcut", **f32)(x)
+        return ((x + h) / self.output_scale_factor).astype(self.dtype)
 
 
 class Downsample2D(nn.Module):

@@ -14,19 +14,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distrifusion_jax.models.layers import Dense
 from distrifusion_jax.parallel import KVExchange, PatchContext, PatchConv, PatchGroupNorm
+from distrifusion_jax.parallel.state import TEXT_KV  # cross-attention K,V of the text, cached
 
 Dtype = Any
-
-
-# Variable collection caching cross-attention K,V of the text (see `parallel/step.py`).
-TEXT_KV = "text_kv"
 
 
 class Attention(nn.Module):
     """Multi-head attention `[B, L, C] -> [B, L, out_dim]`; self-attention when `context` is None.
 
-    `to_q`/`to_k`/`to_v` have no bias, `to_out_0` has one; scale `1/sqrt(dim_head)`.
+    `to_q`/`to_k`/`to_v` have no bias, `to_out_0` has one; scale `1/sqrt(dim_head)`. The result
+    is in `out_dtype` (default `dtype`).
     """
 
     heads: int
@@ -36,17 +35,19 @@ class Attention(nn.Module):
     patch: PatchContext | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    out_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         inner = self.heads * self.dim_head
 
-        def dense(features: int, name: str, bias: bool) -> nn.Dense:
-            return nn.Dense(
+        def dense(features: int, name: str, bias: bool, out_dtype: Dtype = None) -> Dense:
+            return Dense(
                 features,
                 use_bias=bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                out_dtype=out_dtype,
                 name=name,
             )
 
@@ -74,7 +75,7 @@ class Attention(nn.Module):
         v = v.reshape(b, -1, self.heads, self.dim_head)
         o = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, L, heads, dh]; fp32 logits
         o = o.reshape(b, -1, inner)
-        return dense(self.out_dim, "to_out_0", True)(o)
+        return dense(self.out_dim, "to_out_0", True, self.out_dtype)(o)
 
 
 class GEGLU(nn.Module):
@@ -86,30 +87,41 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Dense(
-            2 * self.inner_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj"
+        x = Dense(
+            2 * self.inner_dim,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            out_dtype=jnp.float32,  # the gate and product in fp32: one rounding, at the end
+            name="proj",
         )(x)
         hidden, gate = jnp.split(x, 2, axis=-1)
-        return hidden * jax.nn.gelu(gate, approximate=False)
+        return (hidden * jax.nn.gelu(gate, approximate=False)).astype(self.dtype)
 
 
 class FeedForward(nn.Module):
-    """`net_0` (GEGLU, inner = 4 * dim) -> `net_2` (Linear): `[B, L, dim] -> [B, L, dim]`."""
+    """`net_0` (GEGLU, inner = 4 * dim) -> `net_2` (Linear): `[B, L, dim] -> [B, L, dim]`,
+    in `out_dtype` (default `dtype`)."""
 
     dim: int
     mult: int = 4
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    out_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = GEGLU(self.dim * self.mult, name="net_0", **kw)(x)
-        return nn.Dense(self.dim, name="net_2", **kw)(x)
+        return Dense(self.dim, name="net_2", out_dtype=self.out_dtype, **kw)(x)
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-LayerNorm self-attention, cross-attention, feed-forward: `[B, L, dim] -> [B, L, dim]`."""
+    """Pre-LayerNorm self-attention, cross-attention, feed-forward: `[B, L, dim] -> [B, L, dim]`.
+
+    The residual stream keeps the input's dtype: each branch ends in fp32 and is added to it
+    before one rounding (torch bf16 rounds the branch and then the sum). `Transformer2DModel`
+    passes an fp32 stream, so in bf16 the stream is rounded only once, after `proj_out`.
+    """
 
     dim: int
     heads: int
@@ -128,19 +140,30 @@ class BasicTransformerBlock(nn.Module):
 
         def attn(name: str, self_attention: bool) -> Attention:
             return Attention(
-                self.heads, self.dim_head, self.dim, self_attention, self.patch, name=name, **kw
+                self.heads,
+                self.dim_head,
+                self.dim,
+                self_attention,
+                self.patch,
+                out_dtype=jnp.float32,
+                name=name,
+                **kw,
             )
 
-        x = attn("attn1", True)(norm("norm1")(x)) + x
-        x = attn("attn2", False)(norm("norm2")(x), context) + x
-        return FeedForward(self.dim, name="ff", **kw)(norm("norm3")(x)) + x
+        stream = x.dtype
+        x = (attn("attn1", True)(norm("norm1")(x)) + x).astype(stream)
+        x = (attn("attn2", False)(norm("norm2")(x), context) + x).astype(stream)
+        ff = FeedForward(self.dim, out_dtype=jnp.float32, name="ff", **kw)
+        return (ff(norm("norm3")(x)) + x).astype(stream)
 
 
 class Transformer2DModel(nn.Module):
     """GroupNorm -> proj_in -> transformer blocks -> proj_out, plus residual.
 
     `[B, H, W, C]`, context `[B, S, D]` -> `[B, H, W, C]`. `use_linear_projection` picks
-    Linear proj_in/out on tokens (SD 2.x, SDXL) or 1x1 convs on pixels (SD 1.x).
+    Linear proj_in/out on tokens (SD 2.x, SDXL) or 1x1 convs on pixels (SD 1.x). Between
+    proj_in and proj_out the token stream is fp32 whatever `dtype` (a few MB at SDXL sizes):
+    in bf16 it is rounded once, not after each of the blocks' 3 residual adds.
     """
 
     heads: int
@@ -160,10 +183,11 @@ class Transformer2DModel(nn.Module):
         residual = x
         x = PatchGroupNorm(self.norm_num_groups, 1e-6, patch=self.patch, name="norm", **kw)(x)
         if self.use_linear_projection:
-            x = nn.Dense(inner, name="proj_in", **kw)(x.reshape(b, h * w, c))  # [B, L, inner]
+            proj_in = Dense(inner, out_dtype=jnp.float32, name="proj_in", **kw)
+            x = proj_in(x.reshape(b, h * w, c))  # [B, L, inner] fp32
         else:
             x = PatchConv(inner, 1, 1, 0, patch=self.patch, name="proj_in", **kw)(x)
-            x = x.reshape(b, h * w, inner)  # [B, L, inner]
+            x = x.reshape(b, h * w, inner).astype(jnp.float32)  # [B, L, inner]
         context = context.astype(self.dtype)
         for i in range(self.num_layers):
             x = BasicTransformerBlock(
@@ -175,8 +199,9 @@ class Transformer2DModel(nn.Module):
                 **kw,
             )(x, context)
         if self.use_linear_projection:
-            x = nn.Dense(c, name="proj_out", **kw)(x).reshape(b, h, w, c)
+            proj_out = Dense(c, out_dtype=jnp.float32, name="proj_out", **kw)
+            x = proj_out(x).reshape(b, h, w, c)  # fp32
         else:
             x = x.reshape(b, h, w, inner)
             x = PatchConv(c, 1, 1, 0, patch=self.patch, name="proj_out", **kw)(x)
-        return x + residual.astype(self.dtype)
+        return (x + residual).astype(self.dtype)

@@ -2,7 +2,7 @@
 
 Parameter paths are diffusers' state-dict keys with list indices joined by `_`
 (`down_blocks_1/attentions_0/transformer_blocks_0/attn1/to_q/kernel`), so
-`convert.keys.convert_tensors` maps a diffusers checkpoint with no per-model rules.
+`distrifusion_jax.io.keys.convert_tensors` maps a diffusers checkpoint with no per-model rules.
 With `patch` set, the model runs on one row band per device (see `parallel/`). Block outputs
 are sown as "intermediates" `down_blocks_0/output`, `mid_block/output`, ... for debugging.
 """
@@ -52,7 +52,7 @@ class UNet2DConditionModel(nn.Module):
     def __call__(
         self,
         sample: jax.Array,
-        timesteps: jax.Array | float | int,
+        timesteps: jax.Array | float,
         encoder_hidden_states: jax.Array,
         added_cond_kwargs: dict[str, jax.Array] | None = None,
     ) -> jax.Array:
@@ -116,7 +116,7 @@ class UNet2DConditionModel(nn.Module):
                 **attn_kw,
             )(x, emb, ctx)
 
-        rev = lambda v: tuple(reversed(v))  # noqa: E731
+        rev = lambda v: tuple(reversed(v))
         for i, kind in enumerate(cfg.up_block_types):
             c = rev(cfg.block_out_channels)[i]
             n = rev(layers)[i] + 1
@@ -140,14 +140,15 @@ class UNet2DConditionModel(nn.Module):
                     x, res, emb, size
                 )
 
-        x = PatchGroupNorm(groups, eps, name="conv_norm_out", **kw)(x)
+        # GroupNorm -> SiLU in fp32; conv_out casts to dtype (one rounding).
+        x = PatchGroupNorm(groups, eps, name="conv_norm_out", **dict(kw, dtype=jnp.float32))(x)
         x = nn.silu(x)
         return PatchConv(cfg.out_channels, 3, 1, 1, name="conv_out", **kw)(x)
 
     def _embedding(
         self,
         batch: int,
-        timesteps: jax.Array | float | int,
+        timesteps: jax.Array | float,
         added_cond_kwargs: dict[str, jax.Array] | None,
     ) -> jax.Array:
         """`time_embedding(time_proj(t)) [+ add_embedding(text_time)]`: `[B, T]` fp32."""

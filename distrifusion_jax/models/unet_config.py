@@ -132,7 +132,7 @@ class UNetConfig:
     # ---- construction -----------------------------------------------------------------
 
     @classmethod
-    def from_diffusers(cls, d: Mapping[str, Any]) -> "UNetConfig":
+    def from_diffusers(cls, d: Mapping[str, Any]) -> UNetConfig:
         """Read a diffusers `unet/config.json` dict; ValueError on unknown or unsupported keys."""
         name = d.get("_class_name", "UNet2DConditionModel")
         if name != "UNet2DConditionModel":
@@ -158,7 +158,7 @@ class UNetConfig:
         """The dict of a diffusers `unet/config.json` (with `_class_name`)."""
         return {"_class_name": "UNet2DConditionModel", **self.to_dict()}
 
-    def replace(self, **kw: Any) -> "UNetConfig":
+    def replace(self, **kw: Any) -> UNetConfig:
         return dataclasses.replace(self, **kw)
 
     # ---- checks -----------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Parameter paths mirror the diffusers state dict (`encoder/down_blocks_0/resnets_0/conv1/kernel`,
 `decoder/mid_block/attentions_0/to_q/kernel`, `quant_conv`, `post_quant_conv`), so
-`convert.keys.convert_tensors` needs no VAE rules. Every conv is a `PatchConv` and every
+`distrifusion_jax.io.keys.convert_tensors` needs no VAE rules. Every conv is a `PatchConv` and every
 GroupNorm a `PatchGroupNorm`, and the mid-block attention gets its K,V through `KVExchange`, so
 a VAE built with `patch=PatchContext(...)` runs on row bands; `patch=None` is the plain model.
 No tiling or slicing. `scaling_factor`/`shift_factor`/`force_upcast` are for the pipeline:
@@ -83,7 +83,7 @@ class AutoencoderKLConfig:
                 )
 
     @classmethod
-    def from_diffusers(cls, d: dict) -> "AutoencoderKLConfig":
+    def from_diffusers(cls, d: dict) -> AutoencoderKLConfig:
         """From a diffusers vae/config.json dict; `_`-prefixed metadata keys are ignored."""
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {}
@@ -184,7 +184,7 @@ class Attention(_Base):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        dense = lambda name: nn.Dense(  # noqa: E731
+        dense = lambda name: nn.Dense(
             c, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         t = self.norm("group_norm")(x).reshape(b, h * w, c)  # [B, L, C] (a band's L on a patch)

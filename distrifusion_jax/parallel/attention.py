@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from distrifusion_jax.parallel.config import PatchContext
-from distrifusion_jax.parallel.exchange import STALE, exchange, send, store
+from distrifusion_jax.parallel.exchange import exchange, send, store
+from distrifusion_jax.parallel.state import STALE
 
 Mask = jax.Array | None
 

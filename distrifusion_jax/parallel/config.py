@@ -1,71 +1,61 @@
-"""Parallel configuration: DistriFusion modes, the per-layer patch context, shape checks."""
+"""Parallel configuration: the DistriFusion mode table, the per-layer patch context, shape checks.
+
+Imports no JAX: command-line entry points read `MODES` before they set XLA flags.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
-# Mode names are the original's (distrifuser `--sync_mode`), plus the naive baseline.
-MODES = (
-    "full_sync",
-    "corrected_async_gn",
-    "stale_gn",
-    "sync_gn",
-    "separate_gn",
-    "no_sync",
-    "naive_patch",
-)
-NAIVE_SPLITS = ("row", "col", "alternate")
-
 
 @dataclasses.dataclass(frozen=True)
-class PatchContext:
-    """What a patch-aware layer knows: the mesh axis of the row bands, n, the mode, the phase.
+class ModeRule:
+    """What a mode does in a displaced step (steps 0..w are always exact and fill the buffers).
 
-    A model built with `patch=None` is the plain single-device model. `displaced=False` is a
-    synchronous step (exact, fills the stale state); `displaced=True` reads last step's state.
-    `fused_exchange`: a displaced step's sends are parked and exchanged together at its end
-    (`exchange.flush`) instead of one collective per layer. `pcpp`: PCPP portion p (displaced
-    self-attention sees its neighbours' nearest p of rows only), None for DistriFusion.
+    Attributes:
+      name: the original's name (distrifuser `--sync_mode`), or `naive_patch`.
+      exchange: conv halo rows and self-attention K,V: `"exact"` (exchanged and used in the same
+        step), `"stale"` (read from step t-1; this step's values are sent for t+1), or `"none"`
+        (the plain model on each band, nothing exchanged: the naive baseline).
+      groupnorm: statistics over the whole image: `"exact"` (all bands' moments of this step),
+        `"corrected"` (`mean_j s_j^{t-1} + (s_i^t - s_i^{t-1})`), `"stale"`
+        (`(sum_{j != i} s_j^{t-1} + s_i^t) / n`) or `"local"` (this band's moments only).
+      refresh: displaced steps send their values for step t+1 (False: buffers frozen after
+        warm-up).
     """
 
-    n: int
-    axis: str = "patch"
-    mode: str = "corrected_async_gn"
-    displaced: bool = False
-    fused_exchange: bool = False
-    pcpp: float | None = None
-
-    def __post_init__(self):
-        if self.mode not in MODES or self.mode == "naive_patch":
-            raise ValueError(
-                f"PatchContext mode {self.mode!r} is not a patch-parallel mode; use one of "
-                f"{[m for m in MODES if m != 'naive_patch']} (naive_patch runs the plain model)."
-            )
-        if self.n < 1:
-            raise ValueError(f"PatchContext n={self.n} must be >= 1.")
+    name: str
+    exchange: str
+    groupnorm: str
+    refresh: bool = True
 
     @property
-    def sync_exchange(self) -> bool:
-        """Conv halos and attention K,V are exchanged and used in this step."""
-        return not self.displaced or self.mode == "full_sync"
+    def keeps_state(self) -> bool:
+        """Steps carry stale buffers from one step to the next."""
+        return self.exchange == "stale"
 
     @property
-    def sync_groupnorm(self) -> bool:
-        """GroupNorm statistics are exact (collective consumed in this step)."""
-        return not self.displaced or self.mode in ("full_sync", "sync_gn")
+    def stale_moments(self) -> bool:
+        """GroupNorm keeps every band's moments across steps."""
+        return self.groupnorm in ("corrected", "stale")
 
-    @property
-    def refresh_state(self) -> bool:
-        """Displaced layers send this step's values for the next step (False: frozen buffers)."""
-        return self.mode != "no_sync"
 
-    @property
-    def stale_groupnorm_state(self) -> bool:
-        """GroupNorm keeps gathered per-device moments across steps."""
-        return self.mode in ("corrected_async_gn", "stale_gn")
-
-    def replace(self, **kw) -> "PatchContext":
-        return dataclasses.replace(self, **kw)
+# The one list of modes. Names are the original's, plus the naive baseline.
+MODE_RULES: dict[str, ModeRule] = {
+    r.name: r
+    for r in (
+        ModeRule("full_sync", exchange="exact", groupnorm="exact"),
+        ModeRule("corrected_async_gn", exchange="stale", groupnorm="corrected"),
+        ModeRule("stale_gn", exchange="stale", groupnorm="stale"),
+        ModeRule("sync_gn", exchange="stale", groupnorm="exact"),
+        ModeRule("separate_gn", exchange="stale", groupnorm="local"),
+        ModeRule("no_sync", exchange="stale", groupnorm="local", refresh=False),
+        ModeRule("naive_patch", exchange="none", groupnorm="local", refresh=False),
+    )
+}
+MODES = tuple(MODE_RULES)
+DEFAULT_MODE = MODES[1]  # corrected_async_gn
+NAIVE_SPLITS = ("row", "col", "alternate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +80,7 @@ class ParallelConfig:
     patches: int = 1
     cfg_split: bool = False
     data: int = 1
-    mode: str = "corrected_async_gn"
+    mode: str = DEFAULT_MODE
     naive_split: str = "row"
     warmup_steps: int = 4
     fused_exchange: bool = False
@@ -102,7 +92,7 @@ class ParallelConfig:
         if self.pcpp is not None:
             if not 0.0 <= self.pcpp <= 1.0:
                 raise ValueError(f"pcpp={self.pcpp} is a portion of a band: use 0 <= p <= 1.")
-            if self.mode in ("full_sync", "naive_patch"):
+            if not self.rule.keeps_state:
                 raise ValueError(
                     f"pcpp changes displaced steps; mode {self.mode!r} has none: use it with "
                     "corrected_async_gn (or another displaced mode), or drop pcpp."
@@ -126,17 +116,27 @@ class ParallelConfig:
     def num_devices(self) -> int:
         return self.data * self.cfg * self.patches
 
+    @property
+    def rule(self) -> ModeRule:
+        """What the mode does (`MODE_RULES`)."""
+        return MODE_RULES[self.mode]
+
+    @property
+    def naive(self) -> bool:
+        """The naive-patch baseline: the plain model per band, no exchange."""
+        return self.rule.exchange == "none"
+
+    @property
+    def tracks_state(self) -> bool:
+        """Steps carry stale buffers (a displaced mode on more than one band)."""
+        return self.patches > 1 and self.rule.keeps_state
+
     def context(self, displaced: bool) -> PatchContext | None:
-        """The PatchContext the model is built with for a sync or a displaced step."""
-        if self.patches == 1 or self.mode == "naive_patch":
+        """The PatchContext the model is built with for a sync or a displaced step (None: the
+        plain model, for one band or the naive baseline)."""
+        if self.patches == 1 or self.naive:
             return None
-        return PatchContext(
-            n=self.patches,
-            mode=self.mode,
-            displaced=displaced,
-            fused_exchange=self.fused_exchange,
-            pcpp=self.pcpp,
-        )
+        return PatchContext(self, displaced=displaced)
 
     def check_shapes(
         self,
@@ -171,12 +171,11 @@ class ParallelConfig:
                 f"latent width {w} (image width {8 * w}) must be divisible by {down} for a UNet "
                 f"with {num_downsamplers} downsamplers; use an image width divisible by {8 * down}."
             )
-        if self.mode == "naive_patch" and self.naive_split in ("col", "alternate"):
-            if w % (down * n):
-                raise ValueError(
-                    f"naive_patch split {self.naive_split!r} needs latent width {w} divisible by "
-                    f"{down}*n = {down * n}; change the width or the patch count."
-                )
+        if self.naive and self.naive_split in ("col", "alternate") and w % (down * n):
+            raise ValueError(
+                f"naive_patch split {self.naive_split!r} needs latent width {w} divisible by "
+                f"{down}*n = {down * n}; change the width or the patch count."
+            )
         if h % down:
             raise ValueError(
                 f"latent height {h} must be divisible by {down}; use an image height divisible "
@@ -192,3 +191,53 @@ class ParallelConfig:
                 f"latent height {h} must be divisible by {down}*n = {down * n} for n={n} row "
                 f"bands; use an image height divisible by {8 * down * n}, or fewer patches."
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchContext:
+    """What a patch-aware layer knows: its `ParallelConfig`, the phase, the mesh axis of the bands.
+
+    Built by `ParallelConfig.context`; a model built with `patch=None` is the plain model.
+    `displaced=False` is a synchronous step (exact, fills the stale state); `displaced=True`
+    reads last step's state and follows `parallel.rule`.
+    """
+
+    parallel: ParallelConfig
+    displaced: bool = False
+    axis: str = "patch"
+
+    @property
+    def n(self) -> int:
+        return self.parallel.patches
+
+    @property
+    def rule(self) -> ModeRule:
+        return self.parallel.rule
+
+    @property
+    def fused_exchange(self) -> bool:
+        """A displaced step's sends are parked and exchanged together at its end."""
+        return self.parallel.fused_exchange
+
+    @property
+    def pcpp(self) -> float | None:
+        """PCPP portion p (displaced self-attention sees its neighbours' nearest p), or None."""
+        return self.parallel.pcpp
+
+    @property
+    def sync_exchange(self) -> bool:
+        """Conv halos and attention K,V are exchanged and used in this step."""
+        return not self.displaced or self.rule.exchange == "exact"
+
+    @property
+    def sync_groupnorm(self) -> bool:
+        """GroupNorm statistics are exact (collective consumed in this step)."""
+        return not self.displaced or self.rule.groupnorm == "exact"
+
+    @property
+    def refresh_state(self) -> bool:
+        """Displaced layers send this step's values for the next step (False: frozen buffers)."""
+        return self.rule.refresh
+
+    def replace(self, **kw) -> PatchContext:
+        return dataclasses.replace(self, **kw)

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from distrifusion_jax.parallel.config import PatchContext
-from distrifusion_jax.parallel.exchange import STALE, exchange, send, store
+from distrifusion_jax.parallel.exchange import exchange, send, store
+from distrifusion_jax.parallel.state import STALE
 
 Dtype = Any
 
@@ -34,7 +35,9 @@ class PatchConv(nn.Module):
     """Conv2d on NHWC input `[B, H, W, C]` (H: a row band when `patch` is set).
 
     Parameters are `kernel` `[kh, kw, C_in, C_out]` (HWIO) and `bias` `[C_out]`, as `nn.Conv`.
-    `exact=True` (conv_in) always exchanges its halo synchronously.
+    `exact=True` (conv_in) always exchanges its halo synchronously. Input and halo are in
+    `dtype`; the conv accumulates and adds the bias in fp32 and rounds once, to `out_dtype`
+    (default `dtype`; fp32 for a caller that goes on in fp32), as torch's bf16 conv does.
     """
 
     features: int
@@ -46,6 +49,7 @@ class PatchConv(nn.Module):
     exact: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    out_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -69,11 +73,12 @@ class PatchConv(nn.Module):
             window_strides=(s, s),
             padding=pads,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            preferred_element_type=jnp.float32,
         )
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.out_dtype or self.dtype)
 
     def _with_halo(self, x: jax.Array, ctx: PatchContext) -> jax.Array:
         """Concatenate halo rows above and below the band: `[B, h, W, C] -> [B, a + h + b, W, C]`."""

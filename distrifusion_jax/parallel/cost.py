@@ -26,7 +26,8 @@ from distrifusion_jax.parallel.config import ParallelConfig
 from distrifusion_jax.parallel.conv import PatchConv, halo_rows
 from distrifusion_jax.parallel.groupnorm import PatchGroupNorm
 from distrifusion_jax.parallel.mesh import make_mesh
-from distrifusion_jax.parallel.step import make_step, state_bytes
+from distrifusion_jax.parallel.state import STALE, state_bytes, state_shapes
+from distrifusion_jax.parallel.step import make_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +73,8 @@ def step_cost(
     t = jax.ShapeDtypeStruct((), jnp.float32)
     g = jax.ShapeDtypeStruct((), jnp.float32)
     sync = make_step(model, parallel, mesh, displaced=False)
-    _, state = jax.eval_shape(sync, params, {}, latents, t, cond, g)
-    displaced = parallel.patches > 1 and parallel.mode != "naive_patch"
+    state = state_shapes(sync, params, {}, latents, t, cond, g)
+    displaced = parallel.context(displaced=True) is not None
     step = make_step(model, parallel, mesh, displaced=displaced) if displaced else sync
     args = (params, state if displaced else {}, latents, t, cond, g)
     lowered = step.lower(*args)
@@ -88,7 +89,7 @@ def step_cost(
         flops=flops,
         exchanged_elements=sum(k["elements"] for k in kinds.values()),
         exchanged_bytes=sum(k["bytes"] for k in kinds.values()),
-        state_bytes=state_bytes(state.get("stale", {})) if displaced else 0,
+        state_bytes=state_bytes(state.get(STALE, {})) if displaced else 0,
         by_kind=kinds,
         analytic_elements=analytic_exchange(step, args),
         compiled=compiled_stats,
@@ -129,7 +130,7 @@ def analytic_exchange(step, args) -> dict[str, float]:
                     math.prod(k.shape) + math.prod(v.shape)
                 )
         elif isinstance(m, PatchGroupNorm) and (
-            ctx.sync_groupnorm or ctx.mode not in ("separate_gn", "no_sync")
+            ctx.sync_groupnorm or ctx.rule.groupnorm != "local"
         ):
             counts["groupnorm moments"] += (ctx.n - 1) * 2 * fargs[0].shape[0] * m.num_groups
         return next_fun(*fargs, **kwargs)

@@ -30,9 +30,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from distrifusion_jax.parallel.config import PatchContext
-
-STALE = "stale"
-OUTBOX = "outbox"
+from distrifusion_jax.parallel.state import OUTBOX, STALE
 
 # buffer name -> (collective, gather axis): "down"/"up" ppermute to band j+1 / j-1;
 # "gather" all_gather, tiled along the given axis, or stacked on a new axis 0 (None).

@@ -1,10 +1,24 @@
 """PatchGroupNorm: GroupNorm whose statistics span all row bands.
 
-Moments `s = [E x, E x^2]` per (batch, group) are computed in fp32 on the local band.
-Sync step: `all_gather` and average (exact: bands are equal-sized), biased variance as torch.
-Displaced step, `corrected_async_gn`: full = mean_j(s_j^{t-1}) + (s_i^t - s_i^{t-1});
-`stale_gn`: full = (sum_{j != i} s_j^{t-1} + s_i^t) / n; `separate_gn`/`no_sync`: local.
-Where the combined variance is negative, the local band's variance is used.
+Each band computes, per (batch, group), in fp32 and in two passes, its mean and its centred
+second moment (biased variance): `s_i = [m_i, v_i]`, `m_i = E_i x`, `v_i = E_i (x - m_i)^2`.
+Bands are equal-sized, so the whole image's statistics follow exactly from the bands' by the
+parallel-variance (Chan et al.) formula, with no `E x^2 - (E x)^2` that would cancel where a
+group's mean is large against its spread:
+
+    combine(s_1..s_n):  m = mean_j m_j,   v = mean_j v_j + mean_j (m_j - m)^2.
+
+Sync step: `all_gather` the `[2, B, G]` moments and combine (exact; biased variance, as torch).
+Displaced step, by the mode's `groupnorm` rule (`parallel/config.py`), from every band's
+moments of step t-1 (`s_j`, combined: `m, v`) and this band's fresh ones `s_i' = [m_i', v_i']`:
+  - `"corrected"` (the original's `full = mean_j(S_j) + (S_i' - S_i)` on raw moments
+    `S = [E x, E x^2]`, rewritten in centred terms; equal in exact arithmetic), with
+    `d = m_i' - m_i`:  mean = m + d,  var = v + (v_i' - v_i) + 2 d (m_i - m);
+  - `"stale"` (the original's `(sum_{j != i} S_j + S_i') / n`): combine with `s_i` replaced by
+    `s_i'`;
+  - `"local"`: `s_i'`; `"exact"`: as a sync step.
+Where the displaced variance is negative, the local band's variance is used. The exchange and
+the stale state keep their size: `[2, B, G]` per band, `[n, 2, B, G]` gathered.
 """
 
 from __future__ import annotations
@@ -16,18 +30,45 @@ import jax
 import jax.numpy as jnp
 
 from distrifusion_jax.parallel.config import PatchContext
-from distrifusion_jax.parallel.exchange import STALE, exchange, send, store
+from distrifusion_jax.parallel.exchange import exchange, send, store
+from distrifusion_jax.parallel.state import STALE
 
 Dtype = Any
 
 
 def group_moments(x: jax.Array, num_groups: int) -> jax.Array:
-    """Per-(batch, group) moments in fp32: `[B, H, W, C] -> [2, B, G]` (E x, E x^2)."""
+    """Per-(batch, group) mean and biased variance, two-pass, fp32: `[B, H, W, C] -> [2, B, G]`."""
     b, h, w, c = x.shape
     xg = x.astype(jnp.float32).reshape(b, h * w, num_groups, c // num_groups)
-    m1 = jnp.mean(xg, axis=(1, 3))
-    m2 = jnp.mean(jnp.square(xg), axis=(1, 3))
-    return jnp.stack([m1, m2])
+    mean = jnp.mean(xg, axis=(1, 3))  # [B, G]
+    var = jnp.mean(jnp.square(xg - mean[:, None, :, None]), axis=(1, 3))
+    return jnp.stack([mean, var])
+
+
+def combine(moments: jax.Array) -> jax.Array:
+    """Whole-image `[2, B, G]` (mean, variance) from n equal bands' `[n, 2, B, G]` (Chan)."""
+    mean = jnp.mean(moments[:, 0], axis=0)
+    var = jnp.mean(moments[:, 1], axis=0) + jnp.mean(jnp.square(moments[:, 0] - mean), axis=0)
+    return jnp.stack([mean, var])
+
+
+def _corrected(stale: jax.Array, local: jax.Array, i: jax.Array) -> jax.Array:
+    """Step t-1's whole-image statistics moved by this band's change (see the docstring)."""
+    full = combine(stale)
+    own = stale[i]  # [2, B, G]
+    d = local[0] - own[0]
+    var = full[1] + (local[1] - own[1]) + 2 * d * (own[0] - full[0])
+    return jnp.stack([full[0] + d, var])
+
+
+def _stale(stale: jax.Array, local: jax.Array, i: jax.Array) -> jax.Array:
+    """Step t-1's bands with this band's fresh moments in place of its stale ones."""
+    return combine(jax.lax.dynamic_update_index_in_dim(stale, local, i, 0))
+
+
+# Whole-image (mean, var) `[2, B, G]` from every band's moments of step t-1 `[n, 2, B, G]` and
+# this band's fresh ones `[2, B, G]` (band index i), by the mode's GroupNorm rule.
+_STALE_RULES = {"corrected": _corrected, "stale": _stale}
 
 
 class PatchGroupNorm(nn.Module):
@@ -63,21 +104,17 @@ class PatchGroupNorm(nn.Module):
             full = local
         elif ctx.sync_groupnorm:
             gathered = exchange("moments", local, ctx.axis, ctx.n)  # [n, 2, B, G]
-            full = jnp.mean(gathered, axis=0)
-            if ctx.stale_groupnorm_state:
+            full = combine(gathered)
+            if ctx.rule.stale_moments:
                 store(self, moments=gathered)
-        elif ctx.mode in ("separate_gn", "no_sync"):
+        elif ctx.rule.groupnorm == "local":
             full = local
         else:
             stale = self.get_variable(STALE, "moments")  # [n, 2, B, G] from step t-1
             i = jax.lax.axis_index(ctx.axis)
-            if ctx.mode == "corrected_async_gn":
-                full = jnp.mean(stale, axis=0) + (local - stale[i])
-            else:  # stale_gn
-                full = (jnp.sum(stale, axis=0) - stale[i] + local) / ctx.n
+            full = _STALE_RULES[ctx.rule.groupnorm](stale, local, i)
             send(self, ctx, moments=local)  # read in step t+1
-        mean, m2 = full[0], full[1]
-        var = m2 - jnp.square(mean)
+        mean, var = full[0], full[1]
         if full is not local:
-            var = jnp.where(var < 0, local[1] - jnp.square(local[0]), var)
+            var = jnp.where(var < 0, local[1], var)
         return mean, jnp.maximum(var, 0.0)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -36,6 +37,17 @@ def make_mesh(parallel: ParallelConfig, devices: Sequence[jax.Device] | None = N
         )
     grid = np.array(devices[:need], dtype=object).reshape(parallel.data, parallel.cfg, parallel.patches)
     return Mesh(grid, AXES)
+
+
+def shard(fn: Callable, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
+    """`jax.shard_map` as every program of this package uses it.
+
+    `check_vma=False`: the bodies return per-device values (each state leaf's own device slot,
+    a band of eps) that JAX's varying-axes check cannot prove replicated or varying as the
+    out_specs say (jax 0.10); the specs, written only in `parallel/step.py` and
+    `sampling/sample.py`, are what we guarantee.
+    """
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:

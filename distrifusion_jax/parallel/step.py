@@ -12,6 +12,7 @@ Conditioning `cond` is a dict of arrays with a leading CFG axis G (1 without gui
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,19 +23,11 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from distrifusion_jax.parallel.config import ParallelConfig
-from distrifusion_jax.parallel.exchange import OUTBOX, STALE, flush, merge
-from distrifusion_jax.parallel.mesh import AXES
+from distrifusion_jax.parallel.exchange import flush, merge
+from distrifusion_jax.parallel.mesh import AXES, shard
+from distrifusion_jax.parallel.state import OUTBOX, STALE, TEXT_KV, State
 
-TEXT_KV = "text_kv"  # the UNet's cross-attention cache collection (models/transformer.py)
-
-State = dict[str, Any]
 Cond = dict[str, jax.Array]
-
-
-def tracks_state(parallel: ParallelConfig) -> bool:
-    """Whether steps carry stale buffers (every displaced mode; not full_sync or naive)."""
-    return parallel.context(False) is not None and parallel.mode != "full_sync"
-
 
 def local_eps(
     model: nn.Module,
@@ -66,12 +59,12 @@ def local_eps(
     ctx = parallel.context(displaced)
     ehs = cond["encoder_hidden_states"]
     g_local = ehs.shape[0]
-    flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  [G, B, ...] -> [G*B, ...]
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])
     added = {k: flat(cond[k]) for k in ("text_embeds", "time_ids") if k in cond} or None
     xin = jnp.concatenate([x] * g_local, axis=0)
     tt = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (xin.shape[0],))
     mutable = [TEXT_KV] if TEXT_KV not in state else []
-    if tracks_state(parallel):
+    if parallel.tracks_state:
         mutable.append(STALE)
         if displaced and parallel.fused_exchange:
             mutable.append(OUTBOX)
@@ -108,15 +101,17 @@ def make_step(
     parallel: ParallelConfig,
     mesh: Mesh,
     displaced: bool,
+    donate_state: bool = False,
 ) -> Callable[..., tuple[jax.Array, State]]:
     """A jitted global step `(params, state, latents, t, cond, guidance_scale) -> (eps, state)`.
 
     `latents`/`eps` are `[B, H, W, C]` sharded by rows over `patch`; `state` leaves carry a
     leading device axis `[data*cfg*patch, ...]` (pass `{}` to the first synchronous step).
     For `naive_patch` with split `col` the latents are split by columns; `alternate` is a
-    sampler-level schedule (use `row`/`col` steps).
+    sampler-level schedule (use `row`/`col` steps). `donate_state`: the state given is updated
+    in place (as the sampler's carry is); do not reuse it after the call.
     """
-    split = parallel.naive_split if parallel.mode == "naive_patch" else "row"
+    split = parallel.naive_split if parallel.naive else "row"
     if split == "alternate":
         raise ValueError("make_step runs one split; build 'row' and 'col' steps for alternate.")
 
@@ -125,24 +120,18 @@ def make_step(
         eps, state = local_eps(model, params, state, x, t, cond, g, parallel, displaced)
         return eps, jax.tree.map(lambda a: a[None], state)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(1,) if donate_state else ())
     def step(params, state, latents, t, cond, guidance_scale=1.0):
         spec_x = latent_spec(split)
-        fn = jax.shard_map(
+        fn = shard(
             body,
-            mesh=mesh,
+            mesh,
             in_specs=(P(), STATE_SPEC, spec_x, P(), cond_spec(parallel), P()),
             out_specs=(spec_x, STATE_SPEC),
-            check_vma=False,
         )
         return fn(params, state, latents, t, cond, guidance_scale)
 
     return step
-
-
-def state_bytes(state: State) -> int:
-    """Bytes held by ONE device (leaves carry a leading device axis)."""
-    return sum(a.size // a.shape[0] * a.dtype.itemsize for a in jax.tree.leaves(state))
 
 
 def make_decode(vae: nn.Module, parallel: ParallelConfig, mesh: Mesh) -> Callable[..., jax.Array]:
@@ -158,6 +147,4 @@ def make_decode(vae: nn.Module, parallel: ParallelConfig, mesh: Mesh) -> Callabl
     def body(params, z):
         return module.apply({"params": params}, z, method=module.decode)
 
-    return jax.jit(
-        jax.shard_map(body, mesh=mesh, in_specs=(P(), spec), out_specs=spec, check_vma=False)
-    )
+    return jax.jit(shard(body, mesh, in_specs=(P(), spec), out_specs=spec))

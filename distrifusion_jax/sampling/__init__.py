@@ -8,13 +8,13 @@ from distrifusion_jax.sampling.schedule import SigmaSchedule, StepState
 from distrifusion_jax.sampling.schedulers import SCHEDULERS, scheduler_from_config
 
 __all__ = [
+    "SCHEDULERS",
     "DDIMSchedule",
     "DDIMScheduler",
     "DPMSolverMultistepScheduler",
     "DPMSolverState",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
-    "SCHEDULERS",
     "SigmaSchedule",
     "StepState",
     "scheduler_from_config",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.struct
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ class DDIMScheduler(SchedulerConfig):
     eta: float = 0.0
 
     # Thresholding takes a quantile over the whole image: not computable on a row band.
-    UNSUPPORTED = {"thresholding": (False,)}
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"thresholding": (False,)}
     DIFFUSERS_CLASS = "DDIMScheduler"
 
     @property

@@ -8,6 +8,7 @@ The multistep buffer (last step's x0 prediction) lives in the state, shaped like
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.struct
 import jax.numpy as jnp
@@ -40,7 +41,7 @@ class DPMSolverMultistepScheduler(SchedulerConfig):
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -float("inf")
 
-    UNSUPPORTED = {
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {
         # Thresholding needs a whole-image quantile, not computable on a row band.
         "thresholding": (False,),
         "use_exponential_sigmas": (False, None),

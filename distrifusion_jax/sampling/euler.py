@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -70,7 +71,7 @@ class EulerDiscreteScheduler(SchedulerConfig):
     sigma_max: float | None = None
     final_sigmas_type: str = "zero"
 
-    UNSUPPORTED = {
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {
         "use_exponential_sigmas": (False, None),
         "use_beta_sigmas": (False, None),
         "timestep_type": ("discrete",),

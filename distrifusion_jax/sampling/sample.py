@@ -13,9 +13,10 @@ The loop does not care which scheduler drives it (interface: `sampling/schedule.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -24,6 +25,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from distrifusion_jax.parallel.config import ParallelConfig
+from distrifusion_jax.parallel.mesh import shard
 from distrifusion_jax.parallel.step import STATE_SPEC, cond_spec, latent_spec, local_eps
 
 Cond = dict[str, jax.Array]
@@ -54,13 +56,9 @@ class LocalLoop:
     parallel: ParallelConfig
 
     @property
-    def naive(self) -> bool:
-        return self.parallel.mode == "naive_patch"
-
-    @property
     def latent_spec(self) -> P:
         # Naive patch keeps the whole latent on every device and splits per step.
-        return P("data") if self.naive else latent_spec("row")
+        return P("data") if self.parallel.naive else latent_spec("row")
 
     def init(self, x: jax.Array) -> Carry:
         """Unit noise band `[B_l, h, W, C]` -> the carry before step 0."""
@@ -74,7 +72,7 @@ class LocalLoop:
         eps, state = self._predict(params, state, xin, i, cond, g, displaced)
         noise = None
         if self.scheduler.needs_noise:
-            axes = {"data": 0} if self.naive else {"data": 0, "patch": 1}
+            axes = {"data": 0} if self.parallel.naive else {"data": 0, "patch": 1}
             noise = _noise_slice(key, i, x.shape, axes)
         x, ss = self.scheduler.step(self.schedule, ss, eps, x, noise)
         return x, ss, state
@@ -82,7 +80,7 @@ class LocalLoop:
     def _predict(self, params, state, x, i, cond, g, displaced):
         t = self.schedule.timesteps[i]
         pc = self.parallel
-        if not self.naive:
+        if not self.parallel.naive:
             return local_eps(self.model, params, state, x, t, cond, g, pc, displaced)
         # Naive patch: the plain model on one band (rows, or columns; `alternate` switches
         # every step), then the bands are gathered. No other exchange.
@@ -128,8 +126,9 @@ def make_sampler(
       mesh: from `parallel.mesh.make_mesh(parallel)`.
 
     The returned function takes `noise [B, H, W, C]` (unit Gaussian), `cond` (leading `[G, B]`,
-    G = 2 with guidance), a traced `guidance_scale` and a PRNG `key` (ancestral noise); it
-    returns the final latents `[B, H, W, C]` (fp32). One compile serves every prompt and seed.
+    G = 2 with guidance), a traced `guidance_scale` and a PRNG `key` (ancestral schedulers draw
+    their step noise from it; required, so no two callers share a hidden default); it returns
+    the final latents `[B, H, W, C]` (fp32). One compile serves every prompt and seed.
     """
     loop = LocalLoop(model, scheduler, scheduler.set_timesteps(num_inference_steps), parallel)
     warm = min(parallel.warmup_steps, num_inference_steps - 1)
@@ -145,21 +144,45 @@ def make_sampler(
             carry, _ = jax.lax.scan(phase(True), carry, jnp.arange(warm + 1, num_inference_steps))
         return carry[0]
 
-    sharded = jax.shard_map(
+    sharded = shard(
         body,
-        mesh=mesh,
+        mesh,
         in_specs=(P(), loop.latent_spec, cond_spec(parallel), P(), P()),
         out_specs=loop.latent_spec,
-        check_vma=False,
     )
 
     @jax.jit
-    def sample(params, noise, cond, guidance_scale=5.0, key=None):
+    def sample(params, noise, cond, guidance_scale, key):
         _checks(loop, noise.shape, cond)
-        key = jax.random.PRNGKey(0) if key is None else key
         return sharded(params, noise, cond, jnp.asarray(guidance_scale, jnp.float32), key)
 
     return sample
+
+
+class StepTime(NamedTuple):
+    """Wall time of one step call of `Stepper.run` (waited for)."""
+
+    seconds: float
+    compiled: bool  # the call traced and compiled its program (or read it from the cache)
+
+
+def steady_step(times: list[StepTime]) -> float:
+    """Median seconds of the steps that did not compile (NaN if every step compiled)."""
+    steady = sorted(t.seconds for t in times if not t.compiled)
+    return steady[len(steady) // 2] if steady else float("nan")
+
+
+def compile_seconds(times: list[StepTime]) -> float:
+    """Time the compiling steps took beyond a steady step (0 if nothing compiled)."""
+    steady = steady_step(times)
+    steady = 0.0 if math.isnan(steady) else steady
+    return sum(t.seconds - steady for t in times if t.compiled)
+
+
+def _cache_entries(fn: Callable) -> int | None:
+    """Programs a jitted function holds (jax.jit's `_cache_size`, jax 0.10); None if unknown."""
+    size = getattr(fn, "_cache_size", None)
+    return size() if size is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,24 +193,41 @@ class Stepper:
     sync: Callable[..., Any]  # (params, carry, i, cond, g, key) -> carry
     displaced: Callable[..., Any]
     finish: Callable[..., jax.Array]  # carry -> latents [B, H, W, C]
+    check: Callable[..., None]  # (noise shape, cond) -> None; raises ValueError
     num_steps: int
     warmup_steps: int
 
-    def run(self, params, noise, cond, guidance_scale, key, progress=iter, times=None):
-        """All steps; `progress` wraps the step range (e.g. `tqdm.tqdm`). With a `times` list,
-        each step is waited for and its wall time (s) appended (the first calls compile)."""
+    def run(
+        self,
+        params,
+        noise: jax.Array,
+        cond: Cond,
+        guidance_scale: float,
+        key: jax.Array,
+        progress: Callable = iter,
+        times: list[StepTime] | None = None,
+    ) -> jax.Array:
+        """All steps -> latents `[B, H, W, C]`. `progress` wraps the step range (e.g.
+        `tqdm.tqdm`). With a `times` list, each step is waited for and a `StepTime` appended,
+        saying whether that call compiled."""
+        self.check(noise.shape, cond)
         g = jnp.float32(guidance_scale)
+        seen: set[int] = set()
         carry = None
         for i in progress(range(self.num_steps)):
+            fn = self.first if i == 0 else self.sync if i <= self.warmup_steps else self.displaced
+            before = _cache_entries(fn)
             t = time.perf_counter()
             if i == 0:
-                carry = self.first(params, noise, cond, g, key)
+                carry = fn(params, noise, cond, g, key)
             else:
-                fn = self.sync if i <= self.warmup_steps else self.displaced
                 carry = fn(params, carry, jnp.int32(i), cond, g, key)
             if times is not None:
                 jax.block_until_ready(carry)
-                times.append(time.perf_counter() - t)
+                after = _cache_entries(fn)
+                compiled = id(fn) not in seen if before is None else after > before
+                times.append(StepTime(time.perf_counter() - t, compiled))
+            seen.add(id(fn))
         return self.finish(carry)
 
 
@@ -204,15 +244,12 @@ def make_stepper(
     and `displaced` donate the carry they are given (do not reuse it after the call).
     """
     loop = LocalLoop(model, scheduler, scheduler.set_timesteps(num_inference_steps), parallel)
-    add = lambda tree: jax.tree.map(lambda a: a[None], tree)  # noqa: E731
-    drop = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
+    add = lambda tree: jax.tree.map(lambda a: a[None], tree)
+    drop = lambda tree: jax.tree.map(lambda a: a[0], tree)
     cspec = cond_spec(parallel)
 
-    def shard(f, in_specs, out_specs, donate=()):
-        return jax.jit(
-            jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False),
-            donate_argnums=donate,
-        )
+    def jit(f, in_specs, out_specs, donate=()):
+        return jax.jit(shard(f, mesh, in_specs, out_specs), donate_argnums=donate)
 
     def first(params, x, cond, g, key):
         return add(loop.step(params, loop.init(x), jnp.int32(0), cond, g, key, False))
@@ -222,19 +259,14 @@ def make_stepper(
             return add(loop.step(params, drop(carry), i, cond, g, key, displaced))
 
         # The carry is donated: stale buffers are updated in place, not copied every step.
-        return shard(f, (P(), STATE_SPEC, P(), cspec, P(), P()), STATE_SPEC, donate=(1,))
-
-    first_jit = shard(first, (P(), loop.latent_spec, cspec, P(), P()), STATE_SPEC)
-
-    def checked_first(params, noise, cond, g, key):
-        _checks(loop, noise.shape, cond)
-        return first_jit(params, noise, cond, g, key)
+        return jit(f, (P(), STATE_SPEC, P(), cspec, P(), P()), STATE_SPEC, donate=(1,))
 
     return Stepper(
-        first=checked_first,
+        first=jit(first, (P(), loop.latent_spec, cspec, P(), P()), STATE_SPEC),
         sync=later(False),
         displaced=later(True),
-        finish=shard(lambda carry: drop(carry)[0], (STATE_SPEC,), loop.latent_spec),
+        finish=jit(lambda carry: drop(carry)[0], (STATE_SPEC,), loop.latent_spec),
+        check=lambda shape, cond: _checks(loop, shape, cond),
         num_steps=num_inference_steps,
         warmup_steps=min(parallel.warmup_steps, num_inference_steps - 1),
     )

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from convert.keys import flatten
-from convert.run import convert
-from distrifusion_jax import checkpoint, load_component, load_unet
+from distrifusion_jax import load_component, load_unet
+from distrifusion_jax.io import checkpoint
+from distrifusion_jax.io.convert import convert
+from distrifusion_jax.io.keys import flatten
 from tests.tiny import TINY_SDXL_POOLED_DIM, assert_close, nchw_to_nhwc, nhwc_to_nchw, randn
 
 
@@ -68,9 +69,10 @@ def test_other_components_round_trip(tiny_sdxl, converted, name):
     module, from_dst = load_component(converted, name)
     _, from_root = load_component(tiny_sdxl.root, name)
     assert_trees_equal(from_dst, from_root)
-    assert type(module).__name__ == json.loads(
-        (tiny_sdxl.root / "model_index.json").read_text()
-    )[name][1]
+    assert (
+        type(module).__name__
+        == json.loads((tiny_sdxl.root / "model_index.json").read_text())[name][1]
+    )
 
 
 def test_converted_unet_matches_torch(tiny_sdxl, converted):

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from convert import run
-from convert.__main__ import main
+from distrifusion_jax.cli.convert import main
+from distrifusion_jax.io.convert import convert
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 REPO = Path(__file__).resolve().parents[2]
@@ -113,7 +113,7 @@ def test_pickle_needs_flag(capsys, tiny_sdxl, tmp_path):
     dst = tmp_path / "out"
     code, _, err = run_main(capsys, src, dst)
     assert_failed_cleanly(capsys, dst, code, err, 2, "pickle", "arbitrary code", "--allow-pickle")
-    code, out, err = run_main(capsys, src, dst, "--allow-pickle")
+    code, _, err = run_main(capsys, src, dst, "--allow-pickle")
     assert code == 0 and (dst / "unet" / "params").is_dir(), err
 
 
@@ -159,7 +159,7 @@ def test_usage_errors_exit_2(capsys, tmp_path):
 @pytest.mark.parametrize("how", ["KeyboardInterrupt", "SIGTERM"])
 def test_interrupted_run_leaves_nothing(capsys, tiny_sdxl, tmp_path, monkeypatch, how):
     """Interrupted while saving the second component: no DST, no temporary folder."""
-    from distrifusion_jax import checkpoint
+    from distrifusion_jax.io import checkpoint
 
     save = checkpoint.save_params
     calls = []
@@ -191,18 +191,20 @@ def test_entry_point_subprocess(tiny_sdxl, tmp_path):
     cmd = [sys.executable, "-m", "convert"]
     ok = subprocess.run(
         [*cmd, str(tiny_sdxl.root / "unet"), str(tmp_path / "out")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert "unet: 1,976,516 params" in ok.stdout
     bad = subprocess.run(
         [*cmd, str(tiny_sdxl.root / "unet"), str(tmp_path / "out")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
-        f"convert: error: DST {tmp_path / 'out'} already exists; pass --force to replace it, "
-        "or another DST"
+        (
+            f"convert: error: DST {tmp_path / 'out'} already exists; pass --force to replace it, "
+            "or another DST"
+        )
     ]
 
 
@@ -212,7 +214,7 @@ def test_root_reports_skipped_components(tiny_sdxl, tmp_path):
     index = json.loads((src / "model_index.json").read_text())
     index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
     (src / "model_index.json").write_text(json.dumps(index))
-    report = run.convert(src, tmp_path / "out")
+    report = convert(src, tmp_path / "out")
     assert set(report.converted) == {"unet", "vae", "text_encoder", "text_encoder_2"}
     assert set(report.copied) == {"tokenizer", "tokenizer_2", "scheduler"}
     assert report.skipped == {

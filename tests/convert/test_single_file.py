@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from convert import single_file
-from convert.__main__ import main
-from convert.components import COMPONENTS
-from convert.keys import ConversionError, convert_tensors
-from convert.run import convert
 from distrifusion_jax import load_unet
+from distrifusion_jax.cli.convert import main
+from distrifusion_jax.io import single_file
+from distrifusion_jax.io.components import COMPONENTS
+from distrifusion_jax.io.convert import convert
+from distrifusion_jax.io.keys import ConversionError, convert_tensors
 from distrifusion_jax.models.unet_config import sdxl_base
 from tests.convert.ldm_layout import unet_to_ldm
 from tests.tiny import TINY_SDXL_UNET_CONFIG

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from convert import weights
-from convert.components import COMPONENTS, convert_params
 from distrifusion_jax import load_unet
+from distrifusion_jax.io import weights
+from distrifusion_jax.io.components import COMPONENTS, convert_params
 from tests.tiny import TINY_SDXL_UNET_CONFIG
 
 
@@ -66,7 +66,7 @@ def test_sharded_variant_equals_cast_torch_weights(tiny_sdxl, tmp_path):
 def test_missing_shard_is_named(tiny_sdxl, tmp_path):
     folder = tmp_path / "unet"
     tiny_sdxl.unet.save_pretrained(folder, max_shard_size="2MB")
-    shard = sorted(folder.glob("*-of-*.safetensors"))[-1]
+    shard = max(folder.glob("*-of-*.safetensors"))
     shard.unlink()
     with pytest.raises(weights.WeightsError, match=f"not there: {shard.name}"):
         weights.open_weights(folder)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from convert.keys import convert_tensors, flatten, flax_path, is_ignored, to_flax_layout
+from distrifusion_jax.io.keys import convert_tensors, flatten, flax_path, is_ignored, to_flax_layout
 from distrifusion_jax.models import clip
 
 # fp32 on CPU with 'highest' matmul precision; differences are summation order only.

@@ -11,9 +11,10 @@ from diffusers.models.transformers.transformer_2d import (
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from convert.keys import flatten
+from distrifusion_jax.io.keys import flatten
 from distrifusion_jax.models.transformer import BasicTransformerBlock, Transformer2DModel
-from distrifusion_jax.parallel import PatchContext
+from distrifusion_jax.parallel import ParallelConfig
+from distrifusion_jax.parallel.state import STALE
 from tests.tiny import assert_close, errors, flax_params, nchw_to_nhwc, randn, randomize_
 
 # Tolerance: fp32, 'highest' matmul precision; softmax/LayerNorm/GroupNorm summation order differ.
@@ -68,10 +69,11 @@ def test_transformer_2d_row_bands_full_sync():
     plain = Transformer2DModel(2, 16, num_layers=2, norm_num_groups=8, use_linear_projection=True)
     params = flax_params(tm, plain, x, ctx)
     ref = plain.apply({"params": params}, x, ctx)
-    banded = plain.clone(patch=PatchContext(n=n, mode="full_sync"))
+    patch = ParallelConfig(patches=n, mode="full_sync").context(displaced=False)
+    banded = plain.clone(patch=patch)
 
     def body(xb):
-        y, state = banded.apply({"params": params}, xb, ctx, mutable=["stale"])
+        y, state = banded.apply({"params": params}, xb, ctx, mutable=[STALE])
         return y, jax.tree.map(lambda a: a[None], state)
 
     mesh = Mesh(np.array(jax.devices()[:n]), ("patch",))
@@ -79,13 +81,13 @@ def test_transformer_2d_row_bands_full_sync():
         body, mesh=mesh, in_specs=P(None, "patch"), out_specs=(P(None, "patch"), P("patch"))
     )
     out, state = jax.jit(f)(x)
-    keys = {"/".join(k) for k in flatten(state["stale"])}
+    keys = {"/".join(k) for k in flatten(state[STALE])}
     for i in range(2):
         for kv in "kv":
             assert f"transformer_blocks_{i}/attn1/kv_exchange/{kv}" in keys
     assert not any("attn2" in k for k in keys)
     # state: [n, B, L, C] full-image K,V gathered by every band
-    k_state = state["stale"]["transformer_blocks_0"]["attn1"]["kv_exchange"]["k"]
+    k_state = state[STALE]["transformer_blocks_0"]["attn1"]["kv_exchange"]["k"]
     assert k_state.shape == (n, 2, 48, 32)
     mx, rel = errors(out, ref)
     assert mx <= 1e-5 and rel <= 1e-6, (mx, rel)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
-from convert.keys import convert_tensors, flatten
+from distrifusion_jax.io.keys import convert_tensors, flatten
 from distrifusion_jax.models import UNet2DConditionModel, UNetConfig, sd15, sd21, sdxl_base
 from tests.tiny import (
     TINY_SD15_UNET_CONFIG,

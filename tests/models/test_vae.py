@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from convert.keys import convert_tensors, flatten, flax_path, to_flax_layout
+from distrifusion_jax.io.keys import convert_tensors, flatten, flax_path, to_flax_layout
 from distrifusion_jax.models import vae
-from distrifusion_jax.parallel import PatchContext
+from distrifusion_jax.parallel import ParallelConfig
 from tests.models.test_clip import assert_close, randomize_
 
 # environment.md section 6: the SDXL VAE.
@@ -97,7 +98,7 @@ def test_row_bands_full_sync_equal_single_device():
     padding, GroupNorm moments and mid-block K,V all exchanged)."""
     _, cfg, params = build("default")
     n = 4
-    ctx = PatchContext(n=n, mode="full_sync")
+    ctx = ParallelConfig(patches=n, mode="full_sync").context(displaced=False)
     x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (1, 32, 48, 3)).astype(np.float32))
     plain = vae.AutoencoderKL(cfg).apply({"params": params}, x)
     mesh = Mesh(np.array(jax.devices()[:n]), ("patch",))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import jax
 from jax.extend import core
 
 from distrifusion_jax.parallel.comm import sub_jaxprs
@@ -26,7 +27,7 @@ def collective_taint(jaxpr, in_labels=None, found=None):
     in_labels = in_labels or [frozenset()] * len(jaxpr.invars)
     for v, lab in zip(jaxpr.invars, in_labels):
         env[v] = lab
-    read = lambda v: env.get(v, frozenset()) if not isinstance(v, core.Literal) else frozenset()  # noqa: E731
+    read = lambda v: env.get(v, frozenset()) if not isinstance(v, core.Literal) else frozenset()
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         union = frozenset().union(*ins) if ins else frozenset()
@@ -51,3 +52,11 @@ def collective_taint(jaxpr, in_labels=None, found=None):
         for v, lab in zip(eqn.outvars, outs):
             env[v] = lab
     return [read(v) for v in jaxpr.outvars], found
+
+
+def eps_collectives(step, *args):
+    """Primitive names of the collectives that the eps output (first output) depends on, and
+    `{label: name}` of every collective in the step. Arguments may be shapes only."""
+    closed = jax.make_jaxpr(step)(*args)
+    labels, found = collective_taint(closed.jaxpr)
+    return sorted(found[k] for k in labels[0]), found

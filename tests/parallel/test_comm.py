@@ -7,16 +7,16 @@ from distrifusion_jax.parallel import ParallelConfig
 from distrifusion_jax.parallel.comm import exchanged
 from distrifusion_jax.parallel.mesh import make_mesh
 from distrifusion_jax.parallel.step import make_step
-from tests.parallel.test_layers import toy  # noqa: F401
+from tests.parallel.helpers import sync_state
 
 
-def test_counts_match_analytic_model(toy):  # noqa: F811
+def test_counts_match_analytic_model(toy):
     model, params, x, cond = toy
     n = 4
     pc = ParallelConfig(patches=n)
     mesh = make_mesh(pc)
     t = jnp.float32(1.0)
-    _, state = make_step(model, pc, mesh, False)(params, {}, x, t, cond, 2.0)
+    state = sync_state(model, pc, mesh, params, x, t, cond, 2.0, abstract=True)
     jaxpr = jax.make_jaxpr(make_step(model, pc, mesh, True))(params, state, x, t, cond, 2.0)
     got = exchanged(jaxpr.jaxpr, dict(mesh.shape))
     b, h, w = 4, x.shape[1], x.shape[2]  # CFG pair on one device: local batch 2B
@@ -30,7 +30,7 @@ def test_counts_match_analytic_model(toy):  # noqa: F811
     assert got["all_gather@patch"]["bytes"] == 4 * (kv + gn)
 
 
-def test_three_counts_agree(toy):  # noqa: F811
+def test_three_counts_agree(toy):
     """jaxpr count == compiled-HLO collectives == layer-shape formulas, per mode, n = 2 and 4."""
     from distrifusion_jax.parallel.cost import step_cost
 
@@ -56,14 +56,19 @@ def test_three_counts_agree(toy):  # noqa: F811
 def test_compiled_exchange_parses_hlo():
     from distrifusion_jax.parallel.cost import compiled_exchange
 
-    hlo = "\n".join([
-        "  %ag = f32[2,8,16]{2,1,0} all-gather(f32[2,2,16]{2,1,0} %x), channel_id=1, "
-        "replica_groups={{0,1,2,3}}, dimensions={1}",
-        "  %cp = bf16[2,1,16]{2,1,0} collective-permute(bf16[2,1,16]{2,1,0} %y), "
-        "source_target_pairs={{0,1},{1,2}}",
+    lines = [
+        (
+            "  %ag = f32[2,8,16]{2,1,0} all-gather(f32[2,2,16]{2,1,0} %x), channel_id=1, "
+            "replica_groups={{0,1,2,3}}, dimensions={1}"
+        ),
+        (
+            "  %cp = bf16[2,1,16]{2,1,0} collective-permute(bf16[2,1,16]{2,1,0} %y), "
+            "source_target_pairs={{0,1},{1,2}}"
+        ),
         "  %ar = f32[10]{0} all-reduce(f32[10]{0} %z), replica_groups=[4,2]<=[8], to_apply=%add",
         "  %add = f32[10]{0} add(f32[10]{0} %a, f32[10]{0} %b)",
-    ])
+    ]
+    hlo = "\n".join(lines)
     got = compiled_exchange(hlo)
     assert got["by_op"]["all-gather"]["elements"] == 3 / 4 * 256
     assert got["by_op"]["collective-permute"]["bytes"] == 2 * 32

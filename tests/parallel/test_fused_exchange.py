@@ -13,10 +13,11 @@ import pytest
 from distrifusion_jax.parallel import ParallelConfig
 from distrifusion_jax.parallel.comm import exchanged
 from distrifusion_jax.parallel.exchange import exchange, flush
-from distrifusion_jax.parallel.mesh import make_mesh
+from distrifusion_jax.parallel.mesh import make_mesh, shard
+from distrifusion_jax.parallel.state import STALE
 from distrifusion_jax.parallel.step import make_step
-from tests.parallel.test_layers import toy  # noqa: F401  (fixture)
-from tests.parallel.test_overlap import eps_collectives
+from tests.parallel.dataflow import eps_collectives
+from tests.parallel.helpers import sync_state
 from tests.parallel.unet_fixtures import example_inputs, tiny_unet
 
 T = jnp.float32(421.0)
@@ -26,7 +27,7 @@ G = 4.0
 def displaced_pair(model, params, x, cond, pc, g):
     """(eps, state) of one displaced step, per-layer and fused, from the same sync state."""
     mesh = make_mesh(pc)
-    _, state = make_step(model, pc, mesh, False)(params, {}, -x, T, cond, g)  # stale != fresh
+    state = sync_state(model, pc, mesh, params, -x, T, cond, g)  # stale != fresh
     out = []
     for fused in (False, True):
         p = dataclasses.replace(pc, fused_exchange=fused)
@@ -52,7 +53,7 @@ def assert_same(tree_a, tree_b):
     ],
     ids=str,
 )
-def test_fused_equals_per_layer_toy(toy, n, mode, cfg_split):  # noqa: F811
+def test_fused_equals_per_layer_toy(toy, n, mode, cfg_split):
     model, params, x, cond = toy
     if n == 3:  # 3 bands need rows divisible by 2 * 3
         x = x[:, :24]
@@ -63,7 +64,7 @@ def test_fused_equals_per_layer_toy(toy, n, mode, cfg_split):  # noqa: F811
     if mode != "no_sync":  # the comparison can fail: the state is this step's, not the input's
         moved = [
             not np.array_equal(np.asarray(a), np.asarray(b))
-            for a, b in zip(jax.tree.leaves(old["stale"]), jax.tree.leaves(state_b["stale"]))
+            for a, b in zip(jax.tree.leaves(old[STALE]), jax.tree.leaves(state_b[STALE]))
         ]
         assert sum(moved) > 0.9 * len(moved)
 
@@ -84,7 +85,7 @@ def test_fused_collectives_are_few_and_reach_only_state():
     x, _, cond, _ = example_inputs("sdxl", 1, (16, 16), guided=True)
     pc = ParallelConfig(patches=4, cfg_split=True, fused_exchange=True)
     mesh = make_mesh(pc)
-    state = jax.eval_shape(make_step(model, pc, mesh, False), params, {}, x, T, cond, G)[1]
+    state = sync_state(model, pc, mesh, params, x, T, cond, G, abstract=True)
     step = make_step(model, pc, mesh, True)
     into_eps, found = eps_collectives(step, params, state, x, T, cond, G)
     assert into_eps == ["all_gather", "ppermute", "ppermute"], into_eps  # conv_in halo, CFG
@@ -115,10 +116,8 @@ def test_flush_matches_exchange_on_mixed_dtypes(n):
 
     def run(fn):
         spec = jax.sharding.PartitionSpec("patch")
-        body = lambda box: jax.tree.map(lambda a: a[None], fn(jax.tree.map(lambda a: a[0], box)))  # noqa: E731
-        return jax.jit(
-            jax.shard_map(body, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False)
-        )(outbox)
+        body = lambda box: jax.tree.map(lambda a: a[None], fn(jax.tree.map(lambda a: a[0], box)))
+        return jax.jit(shard(body, mesh, in_specs=(spec,), out_specs=spec))(outbox)
 
     fused = run(lambda box: flush(box, "patch", n))
     each = run(

@@ -8,37 +8,15 @@ import pytest
 
 from distrifusion_jax.parallel import ParallelConfig
 from distrifusion_jax.parallel.mesh import make_mesh
-from distrifusion_jax.parallel.step import local_eps, make_step
-from tests.parallel.toy import ToyUNet
+from distrifusion_jax.parallel.step import make_step
+from tests.parallel.helpers import rel_err, single_device_eps
 
 RTOL = 1e-5
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(scope="module")
-def toy():
-    model = ToyUNet()
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 32, 24, 4)), jnp.float32)
-    cond = {"encoder_hidden_states": jnp.asarray(rng.standard_normal((2, 2, 7, 8)), jnp.float32)}
-    params = model.init(jax.random.PRNGKey(0), x, jnp.zeros((2,)), cond["encoder_hidden_states"][0])[
-        "params"
-    ]
-    # Perturb so GroupNorm scale/bias and biases are not trivial.
-    params = jax.tree.map(
-        lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(a.size), a.shape), params
-    )
-    return model, params, x, cond
+T = 500.0
 
 
 def reference(model, params, x, cond, g):
-    pc = ParallelConfig()
-    eps, _ = local_eps(model, params, {}, x, jnp.float32(500.0), cond, g, pc, False)
-    return eps
+    return single_device_eps(model, params, x, cond, T, g)
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])

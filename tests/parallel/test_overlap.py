@@ -1,7 +1,6 @@
 """In a displaced step no collective's result may be read in the step that issued it (only the
 exact conv_in halo and the CFG meeting are), so XLA can overlap every exchange with compute."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,28 +8,21 @@ import pytest
 from distrifusion_jax.parallel import ParallelConfig
 from distrifusion_jax.parallel.mesh import make_mesh
 from distrifusion_jax.parallel.step import make_step
-from tests.parallel.dataflow import collective_taint
-from tests.parallel.test_layers import toy  # noqa: F401  (fixture)
+from tests.parallel.dataflow import eps_collectives
+from tests.parallel.helpers import sync_state
+from tests.parallel.unet_fixtures import example_inputs, tiny_unet
 
 ASYNC_MODES = ["corrected_async_gn", "stale_gn", "separate_gn"]
 
 
-def eps_collectives(step, *args):
-    """Primitive names of the collectives that the eps output depends on."""
-    closed = jax.make_jaxpr(step)(*args)
-    labels, found = collective_taint(closed.jaxpr)
-    eps_labels = labels[0]
-    return sorted(found[k] for k in eps_labels), found
-
-
 @pytest.mark.parametrize("mode", ASYNC_MODES)
 @pytest.mark.parametrize("cfg_split", [False, True])
-def test_displaced_collectives_reach_only_state(toy, mode, cfg_split):  # noqa: F811
+def test_displaced_collectives_reach_only_state(toy, mode, cfg_split):
     model, params, x, cond = toy
     pc = ParallelConfig(patches=4, mode=mode, cfg_split=cfg_split)
     mesh = make_mesh(pc)
     t = jnp.float32(500.0)
-    _, state = make_step(model, pc, mesh, False)(params, {}, x, t, cond, 3.0)
+    state = sync_state(model, pc, mesh, params, x, t, cond, 3.0, abstract=True)
     into_eps, found = eps_collectives(make_step(model, pc, mesh, True), params, state, x, t, cond, 3.0)
     # conv_in's exact one-row halo (above, below) and the CFG meeting; nothing else.
     allowed = ["ppermute", "ppermute"] + (["all_gather"] if cfg_split else [])
@@ -38,7 +30,7 @@ def test_displaced_collectives_reach_only_state(toy, mode, cfg_split):  # noqa: 
     assert len(found) > len(allowed)  # the layers do exchange (into the state)
 
 
-def test_sync_step_reads_its_exchanges(toy):  # noqa: F811
+def test_sync_step_reads_its_exchanges(toy):
     """The walk can fail: in a synchronous step the layer collectives do reach eps."""
     model, params, x, cond = toy
     pc = ParallelConfig(patches=4)
@@ -48,7 +40,7 @@ def test_sync_step_reads_its_exchanges(toy):  # noqa: F811
 
 
 @pytest.mark.parametrize("displaced", [False, True])
-def test_band_perturbation(toy, displaced):  # noqa: F811
+def test_band_perturbation(toy, displaced):
     """Hold the stale state fixed, perturb the middle rows of band 1: in a displaced step every
     other band's eps is bit-identical; in a sync step it changes."""
     model, params, x, cond = toy
@@ -56,7 +48,7 @@ def test_band_perturbation(toy, displaced):  # noqa: F811
     pc = ParallelConfig(patches=n, mode="corrected_async_gn")
     mesh = make_mesh(pc)
     t = jnp.float32(500.0)
-    _, state = make_step(model, pc, mesh, False)(params, {}, x, t, cond, 3.0)
+    state = sync_state(model, pc, mesh, params, x, t, cond, 3.0)
     step = make_step(model, pc, mesh, displaced)
     h = x.shape[1] // n
     x2 = x.at[:, h + 2 : 2 * h - 2].add(1.0)  # rows away from band 1's edges (conv_in is exact)
@@ -73,14 +65,12 @@ def test_band_perturbation(toy, displaced):  # noqa: F811
 
 @pytest.mark.parametrize("cfg_split", [False, True])
 def test_unet_displaced_collectives_reach_only_state(cfg_split):
-    from tests.parallel.unet_fixtures import example_inputs, tiny_unet
-
     model, params = tiny_unet("sdxl")
     x, _, cond, _ = example_inputs("sdxl", 1, (16, 16), guided=True)
     pc = ParallelConfig(patches=4, cfg_split=cfg_split)
     mesh = make_mesh(pc)
     t = jnp.float32(500.0)
-    _, state = make_step(model, pc, mesh, False)(params, {}, x, t, cond, 3.0)
+    state = sync_state(model, pc, mesh, params, x, t, cond, 3.0, abstract=True)
     into_eps, found = eps_collectives(make_step(model, pc, mesh, True), params, state, x, t, cond, 3.0)
     allowed = ["ppermute", "ppermute"] + (["all_gather"] if cfg_split else [])
     assert into_eps == sorted(allowed), into_eps

@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distrifusion_jax.parallel import KVExchange, ParallelConfig, PatchContext
+from distrifusion_jax.parallel import KVExchange, ParallelConfig
 from distrifusion_jax.parallel.attention import pcpp_tokens
-from distrifusion_jax.parallel.mesh import make_mesh
-from distrifusion_jax.parallel.step import make_step, state_bytes
-from tests.parallel.test_layers import reference, rel_err, toy  # noqa: F401
-from tests.parallel.test_overlap import eps_collectives
-from tests.parallel.test_trajectory import run
+from distrifusion_jax.parallel.mesh import make_mesh, shard
+from distrifusion_jax.parallel.state import STALE, state_bytes
+from distrifusion_jax.parallel.step import make_step
+from tests.parallel.dataflow import eps_collectives
+from tests.parallel.helpers import rel_err, run_trajectory, single_device_eps, sync_state
+from tests.parallel.unet_fixtures import example_inputs, tiny_unet
 
 T = jnp.float32(500.0)
 P = jax.sharding.PartitionSpec
@@ -30,24 +31,18 @@ def test_window_is_the_neighbours_nearest_tokens(n, tokens, portion):
     k, v = (jnp.asarray(rng.normal(size=(b, length, c)), jnp.float32) for _ in range(2))
     k2, v2 = k + 1.0, v - 1.0
     mesh = make_mesh(ParallelConfig(patches=n))
-    sync = PatchContext(n=n, pcpp=portion)
+    sync = ParallelConfig(patches=n, pcpp=portion).context(displaced=False)
     displaced = sync.replace(displaced=True)
 
     def body(k, v, k2, v2):
-        _, state = KVExchange(sync).apply({}, k, v, mutable=["stale"])
-        (kw, vw, mask), _ = KVExchange(displaced).apply(state, k2, v2, mutable=["stale"])
+        _, state = KVExchange(sync).apply({}, k, v, mutable=[STALE])
+        (kw, vw, mask), _ = KVExchange(displaced).apply(state, k2, v2, mutable=[STALE])
         if mask is None:
             mask = jnp.ones((1, 1, 1, kw.shape[1]), bool)
         return kw, vw, mask
 
     spec = P(None, "patch")
-    fn = jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(spec,) * 4,
-        out_specs=(spec, spec, P(None, None, None, "patch")),
-        check_vma=False,
-    )
+    fn = shard(body, mesh, in_specs=(spec,) * 4, out_specs=(spec, spec, P(None, None, None, "patch")))
     kw, vw, mask = (np.asarray(a) for a in fn(k, v, k2, v2))
     r = pcpp_tokens(portion, tokens)
     width = tokens + 2 * r
@@ -68,16 +63,16 @@ def test_window_is_the_neighbours_nearest_tokens(n, tokens, portion):
                 np.testing.assert_array_equal(got[:, win][:, r + tokens :], below)
 
 
-def test_full_portion_on_two_bands_is_exact(toy):  # noqa: F811
+def test_full_portion_on_two_bands_is_exact(toy):
     """p = 1 on n = 2 sees every token: fed its own state, the displaced step == one device;
     on n = 4 band 0 cannot see bands 2, 3, so the same check fails (the window is real)."""
     model, params, x, cond = toy
-    ref = reference(model, params, x, cond, 3.0)
+    ref = single_device_eps(model, params, x, cond, T, 3.0)
     errs = {}
     for n in (2, 4):
         pc = ParallelConfig(patches=n, pcpp=1.0)
         mesh = make_mesh(pc)
-        _, state = make_step(model, pc, mesh, False)(params, {}, x, T, cond, 3.0)
+        state = sync_state(model, pc, mesh, params, x, T, cond, 3.0)
         eps, _ = make_step(model, pc, mesh, True)(params, state, x, T, cond, 3.0)
         errs[n] = rel_err(eps, ref)
     assert errs[2] <= 1e-5, errs
@@ -86,20 +81,16 @@ def test_full_portion_on_two_bands_is_exact(toy):  # noqa: F811
 
 def test_tiny_unet_full_portion_is_exact():
     """The same on the tiny SDXL UNet: every transformer's attn1 takes the window and its mask."""
-    from tests.parallel.test_unet_parallel import T as T_UNET
-    from tests.parallel.test_unet_parallel import G, single_device
-    from tests.parallel.unet_fixtures import example_inputs, tiny_unet
-
     model, params = tiny_unet("sdxl")
     x, _, cond, _ = example_inputs("sdxl", 1, (16, 16), guided=True)
     pc = ParallelConfig(patches=2, pcpp=1.0)
     mesh = make_mesh(pc)
-    _, state = make_step(model, pc, mesh, False)(params, {}, x, T_UNET, cond, G)
-    eps, _ = make_step(model, pc, mesh, True)(params, state, x, T_UNET, cond, G)
-    assert rel_err(eps, single_device(model, params, x, cond)) <= 1e-5
+    state = sync_state(model, pc, mesh, params, x, T, cond, 4.0)
+    eps, _ = make_step(model, pc, mesh, True)(params, state, x, T, cond, 4.0)
+    assert rel_err(eps, single_device_eps(model, params, x, cond, T, 4.0)) <= 1e-5
 
 
-def test_exchange_and_state_shrink(toy):  # noqa: F811
+def test_exchange_and_state_shrink(toy):
     """Counted three ways (jaxpr, compiled HLO, formula): 2 r tokens of K and V per attention
     layer instead of (n - 1) bands; the stale K,V shrink the same way."""
     from distrifusion_jax.parallel.cost import step_cost
@@ -123,11 +114,11 @@ def test_exchange_and_state_shrink(toy):  # noqa: F811
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_displaced_collectives_reach_only_state(toy, fused):  # noqa: F811
+def test_displaced_collectives_reach_only_state(toy, fused):
     model, params, x, cond = toy
     pc = ParallelConfig(patches=4, pcpp=0.3, fused_exchange=fused)
     mesh = make_mesh(pc)
-    _, state = make_step(model, pc, mesh, False)(params, {}, x, T, cond, 3.0)
+    state = sync_state(model, pc, mesh, params, x, T, cond, 3.0, abstract=True)
     into_eps, found = eps_collectives(
         make_step(model, pc, mesh, True), params, state, x, T, cond, 3.0
     )
@@ -135,25 +126,25 @@ def test_displaced_collectives_reach_only_state(toy, fused):  # noqa: F811
     assert "all_gather" in found.values()  # GroupNorm still gathers (for step t+1)
 
 
-def test_trajectory_close_fused_identical(toy):  # noqa: F811
+def test_trajectory_close_fused_identical(toy):
     """Sampling: PCPP stays far closer to one device than naive patch; fused == per layer."""
     model, params, x, cond = toy
-    ref = run(model, params, x, cond, ParallelConfig(), steps=12)
+    ref = run_trajectory(model, params, x, cond, ParallelConfig(), steps=12)
     pc = ParallelConfig(patches=4, pcpp=0.3, warmup_steps=2)
-    pcpp = run(model, params, x, cond, pc, 12)
-    naive = run(model, params, x, cond, ParallelConfig(patches=4, mode="naive_patch"), 12)
+    pcpp = run_trajectory(model, params, x, cond, pc, 12)
+    naive = run_trajectory(model, params, x, cond, ParallelConfig(patches=4, mode="naive_patch"), 12)
     assert rel_err(pcpp, ref) < 0.5 * rel_err(naive, ref)
-    fused = run(model, params, x, cond, dataclasses.replace(pc, fused_exchange=True), 12)
+    fused = run_trajectory(model, params, x, cond, dataclasses.replace(pc, fused_exchange=True), 12)
     assert rel_err(fused, pcpp) <= 1e-6
 
 
-def test_state_bytes_counts_the_window(toy):  # noqa: F811
+def test_state_bytes_counts_the_window(toy):
     model, params, x, cond = toy
     sizes = {}
     for p in (None, 0.25):
         pc = ParallelConfig(patches=4, pcpp=p)
-        _, state = make_step(model, pc, make_mesh(pc), False)(params, {}, x, T, cond, 3.0)
-        sizes[p] = state_bytes(state["stale"])
+        state = sync_state(model, pc, make_mesh(pc), params, x, T, cond, 3.0, abstract=True)
+        sizes[p] = state_bytes(state[STALE])
     l_tok, c, b = x.shape[1] // 4 * x.shape[2], 16, 4
     kv_full, kv_window = 2 * b * 4 * l_tok * c * 4, 2 * 2 * b * pcpp_tokens(0.25, l_tok) * c * 4
     assert sizes[None] - sizes[0.25] == kv_full - kv_window

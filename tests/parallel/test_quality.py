@@ -10,7 +10,7 @@ from distrifusion_jax.parallel import ParallelConfig
 from distrifusion_jax.parallel.mesh import make_mesh
 from distrifusion_jax.sampling import scheduler_from_config
 from distrifusion_jax.sampling.sample import make_sampler
-from tests.parallel.test_trajectory import SDXL_SCHEDULER
+from tests.parallel.helpers import SDXL_SCHEDULER
 from tests.parallel.unet_fixtures import example_inputs, tiny_unet
 
 STEPS = 20

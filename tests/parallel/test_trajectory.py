@@ -1,35 +1,21 @@
 """Whole sampling trajectories on the toy model: full_sync on n bands equals one device;
 displaced modes stay close; naive patch is far. Tolerance: fp32 reordered sums, 1e-5."""
 
+import dataclasses
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from distrifusion_jax.parallel import ParallelConfig
 from distrifusion_jax.parallel.mesh import make_mesh
 from distrifusion_jax.sampling import scheduler_from_config
-from distrifusion_jax.sampling.sample import make_sampler
-from tests.parallel.test_layers import rel_err, toy  # noqa: F401
-
-SDXL_SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "clip_sample": False,
-}
+from distrifusion_jax.sampling.sample import make_sampler, make_stepper
+from tests.parallel.helpers import SDXL_SCHEDULER, rel_err, run_trajectory
 
 
 def run(model, params, x, cond, pc, steps=8, name="ddim"):
-    sched = scheduler_from_config(SDXL_SCHEDULER, name)
-    sample = make_sampler(model, sched, steps, pc, make_mesh(pc))
-    return np.asarray(sample(params, x, cond, 1.5, jax.random.PRNGKey(1)))
+    return run_trajectory(model, params, x, cond, pc, steps, name)
 
 
 @pytest.mark.parametrize(
@@ -43,13 +29,13 @@ def run(model, params, x, cond, pc, steps=8, name="ddim"):
     ids=str,
 )
 @pytest.mark.parametrize("name", ["ddim", "euler_a"])
-def test_full_sync_trajectory_equals_single_device(toy, pc, name):  # noqa: F811
+def test_full_sync_trajectory_equals_single_device(toy, pc, name):
     model, params, x, cond = toy
     ref = run(model, params, x, cond, ParallelConfig(), name=name)
     assert rel_err(run(model, params, x, cond, pc, name=name), ref) <= 1e-5
 
 
-def test_displaced_close_naive_far(toy):  # noqa: F811
+def test_displaced_close_naive_far(toy):
     model, params, x, cond = toy
     ref = run(model, params, x, cond, ParallelConfig(), steps=12)
     errs = {
@@ -66,9 +52,7 @@ def test_displaced_close_naive_far(toy):  # noqa: F811
      ParallelConfig(patches=4, mode="naive_patch", naive_split="alternate")],
     ids=str,
 )
-def test_stepper_equals_sampler(toy, pc):  # noqa: F811
-    from distrifusion_jax.sampling.sample import make_stepper
-
+def test_stepper_equals_sampler(toy, pc):
     model, params, x, cond = toy
     sched = scheduler_from_config(SDXL_SCHEDULER, "euler_a")
     key = jax.random.PRNGKey(1)
@@ -81,10 +65,8 @@ def test_stepper_equals_sampler(toy, pc):  # noqa: F811
 @pytest.mark.parametrize("pc", [ParallelConfig(patches=4, warmup_steps=1),
                                 ParallelConfig(patches=2, cfg_split=True, mode="stale_gn")],
                          ids=str)
-def test_fused_exchange_trajectory_equals_per_layer(toy, pc):  # noqa: F811
+def test_fused_exchange_trajectory_equals_per_layer(toy, pc):
     """The whole jitted sampler (two lax.scans, donated carry) with fused exchange."""
-    import dataclasses
-
     model, params, x, cond = toy
     fused = dataclasses.replace(pc, fused_exchange=True)
     a, b = run(model, params, x, cond, pc), run(model, params, x, cond, fused)

@@ -5,13 +5,12 @@ Tolerance: relative L2 1e-5 (fp32; only the order of sums changes)."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from distrifusion_jax.parallel import ParallelConfig
 from distrifusion_jax.parallel.mesh import make_mesh
-from distrifusion_jax.parallel.step import local_eps, make_step
-from tests.parallel.test_layers import rel_err
+from distrifusion_jax.parallel.step import make_step
+from tests.parallel.helpers import rel_err, single_device_eps
 from tests.parallel.unet_fixtures import example_inputs, tiny_unet
 
 T = jnp.float32(421.0)
@@ -29,7 +28,7 @@ CASES = [
 
 
 def single_device(model, params, x, cond):
-    return local_eps(model, params, {}, x, T, cond, G, ParallelConfig(), False)[0]
+    return single_device_eps(model, params, x, cond, T, G)
 
 
 @pytest.mark.parametrize("kind,n,cfg_split,batch,hw", CASES, ids=str)

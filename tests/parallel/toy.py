@@ -19,7 +19,7 @@ class ToySelfAttention(nn.Module):
         tok = x.reshape(b, h * w, c)
         q, k, v = (nn.Dense(c, name=n)(tok) for n in ("to_q", "to_k", "to_v"))
         k, v, mask = KVExchange(patch=self.patch, name="kv_exchange")(k, v)
-        split = lambda a: a.reshape(b, a.shape[1], self.heads, c // self.heads)  # noqa: E731
+        split = lambda a: a.reshape(b, a.shape[1], self.heads, c // self.heads)
         o = jax.nn.dot_product_attention(split(q), split(k), split(v), mask=mask)
         return x + nn.Dense(c, name="to_out_0")(o.reshape(b, h * w, c)).reshape(b, h, w, c)
 

@@ -20,13 +20,13 @@ from tests.tiny import (
 CONFIGS = {"sdxl": TINY_SDXL_UNET_CONFIG, "sd15": TINY_SD15_UNET_CONFIG}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_unet(kind: str):
     """(module, params) with the random weights of diffusers' tiny UNet of that kind."""
     cfg = CONFIGS[kind]
     model = UNet2DConditionModel(UNetConfig.from_diffusers(dict(cfg)))
-    x, t, ehs, added = example_inputs(kind, batch=1, hw=(16, 16), guided=False)
-    flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
+    x, t, ehs, _ = example_inputs(kind, batch=1, hw=(16, 16), guided=False)
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])
     params = flax_params(
         tiny_torch_unet(cfg),
         model,

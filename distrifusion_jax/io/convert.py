@@ -24,8 +24,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from convert import components
-from convert.weights import open_weights
+from distrifusion_jax.io import checkpoint, components, single_file
+from distrifusion_jax.io.weights import find_weights, open_weights
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -68,18 +68,13 @@ def _plan(
     src: Path, variant: str | None, allow_pickle: bool, single: dict[str, Any]
 ) -> tuple[list[_Job], dict[str, Path], dict[str, str], dict[str, Any] | None]:
     """(jobs, folders to copy, skipped -> why, source model_index) for `src`; opens nothing big."""
-    from distrifusion_jax import checkpoint
 
     def folder_job(name: str, folder: Path) -> _Job:
         raw = components.read_config(folder)
-        from convert.weights import find_weights
-
         find_weights(folder, variant)  # fail before any work if there are no weights
         return _Job(name, raw, lambda: open_weights(folder, variant, allow_pickle))
 
     if src.is_file():
-        from convert import single_file
-
         with single_file.open_single_file(src, allow_pickle=allow_pickle, **single) as parts:
             configs = {name: raw for name, (raw, _) in parts.items()}
         jobs = [
@@ -89,9 +84,7 @@ def _plan(
         ]
         # Tokenizers and the scheduler config can come from the --config folder.
         where = Path(single["config"]) if single.get("config") else None
-        copied = {
-            n: where / n for n in components.COPIED_FOLDERS if where and (where / n).is_dir()
-        }
+        copied = {n: where / n for n in components.COPIED_FOLDERS if where and (where / n).is_dir()}
         skipped = {
             n: "not in a single file; pass --config with a diffusers folder that has it"
             for n in components.COPIED_FOLDERS
@@ -114,12 +107,12 @@ def _plan(
             if entry == [None, None] or not entry:
                 continue  # optional component left out
             folder = src / name
-            if name in components.COMPONENTS or name in components.COPIED_FOLDERS:
-                if not folder.is_dir():
-                    raise FileNotFoundError(
-                        f"{index_path} lists {name!r} but {folder} is missing; "
-                        "download the whole model folder"
-                    )
+            converted_or_copied = name in components.COMPONENTS or name in components.COPIED_FOLDERS
+            if converted_or_copied and not folder.is_dir():
+                raise FileNotFoundError(
+                    f"{index_path} lists {name!r} but {folder} is missing; "
+                    "download the whole model folder"
+                )
             if name in components.COMPONENTS:
                 jobs.append(folder_job(name, folder))
             elif name in components.COPIED_FOLDERS:
@@ -137,8 +130,6 @@ def _single_file_opener(
 ) -> Callable[[], Any]:
     @contextlib.contextmanager
     def opener() -> Iterator[Any]:
-        from convert import single_file
-
         with single_file.open_single_file(
             src, names=(name,), allow_pickle=allow_pickle, **single
         ) as parts:
@@ -193,8 +184,6 @@ def convert(
       original_config: single files only: the original YAML (needed unless SDXL base or config).
       log: called with one line per finished step.
     """
-    from distrifusion_jax import checkpoint
-
     src, dst = Path(src), Path(dst)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -209,7 +198,7 @@ def convert(
     if dst_abs == src_abs or dst_abs in src_abs.parents or src_abs in dst_abs.parents:
         raise UsageError(f"DST {dst} and SRC {src} overlap; write DST somewhere else")
 
-    single = dict(config=config, original_config=original_config)
+    single = {"config": config, "original_config": original_config}
     if src.is_dir() and (config or original_config):
         raise UsageError("--config and --original-config are for single-file checkpoints only")
     jobs, copied, skipped, index = _plan(src, variant, allow_pickle, single)

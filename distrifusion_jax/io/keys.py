@@ -125,11 +125,12 @@ def convert_tensors(
         out[path] = cast(array, path)
     missing = ["/".join(p) for p in flat_target if p not in out]
     if missing or unexpected or misshaped:
-        raise ConversionError(_report(missing, unexpected, misshaped))
+        raise ConversionError(mismatch_message(missing, unexpected, misshaped))
     return unflatten(out)
 
 
-def _report(missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
+def mismatch_message(missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
+    """One line naming every missing, unexpected and mis-shaped key (the first 20 of each)."""
     parts = []
     for label, items in (
         ("missing", missing),
@@ -137,7 +138,9 @@ def _report(missing: list[str], unexpected: list[str], misshaped: list[str]) -> 
         ("mis-shaped", misshaped),
     ):
         if items:
-            shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+            shown = ", ".join(items[:20]) + (
+                f", ... ({len(items)} in all)" if len(items) > 20 else ""
+            )
             parts.append(f"{len(items)} {label} key(s): {shown}")
     return (
         "checkpoint does not match the model config: "

@@ -17,9 +17,14 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class WeightsError(ValueError):
@@ -72,7 +77,7 @@ class TensorSource:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "TensorSource":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -124,8 +129,6 @@ class SafetensorsFile(TensorSource):
 
 def _read_header(path: Path) -> dict[str, tuple[np.dtype, list[int], tuple[int, int]]]:
     """Validated header: key -> (dtype, shape, absolute byte range)."""
-    from safetensors import SafetensorError, safe_open
-
     try:  # the reference parser validates header and sizes (it maps the file, reads nothing)
         with safe_open(str(path), framework="numpy"):
             pass
@@ -169,9 +172,10 @@ class ShardedSafetensors(TensorSource):
             )
         for name in sorted(set(weight_map.values())):
             self._files[name] = SafetensorsFile(self.path.parent / name)
+        held = {name: set(f.keys()) for name, f in self._files.items()}
         self._where: dict[str, SafetensorsFile] = {}
         for key, name in weight_map.items():
-            if key not in self._files[name].keys():
+            if key not in held[name]:
                 raise WeightsError(
                     f"{self.path}: {key!r} is mapped to {name}, which does not hold it; "
                     "the index and the shards do not match"
@@ -204,7 +208,7 @@ class PickleFile(TensorSource):
         self.path = Path(path)
         try:
             sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, ...)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds (UnpicklingError, ...)
             raise WeightsError(
                 f"{self.path} could not be loaded as a torch checkpoint "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -336,4 +340,3 @@ def open_weights(
 ) -> TensorSource:
     """Open the weights of a component folder (see `find_weights`)."""
     return open_file(find_weights(folder, variant), allow_pickle=allow_pickle)
-

@@ -18,8 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.keys import ConversionError, convert_tensors, flatten
-from convert.weights import TensorSource
+from distrifusion_jax.io.keys import ConversionError, convert_tensors, flatten
+from distrifusion_jax.io.weights import TensorSource
+from distrifusion_jax.models import clip
+from distrifusion_jax.models.unet import UNet2DConditionModel
+from distrifusion_jax.models.unet_config import UNetConfig
+from distrifusion_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 # Folders copied verbatim into a converted model (no weights to convert).
 COPIED_FOLDERS = ("tokenizer", "tokenizer_2", "scheduler")
@@ -53,9 +57,6 @@ class Component:
 
 
 def _make_unet(raw: Mapping[str, Any], dtype: Any) -> Any:
-    from distrifusion_jax.models.unet import UNet2DConditionModel
-    from distrifusion_jax.models.unet_config import UNetConfig
-
     return UNet2DConditionModel(UNetConfig.from_diffusers(raw), dtype=dtype, param_dtype=dtype)
 
 
@@ -78,8 +79,6 @@ def _unet_inputs(module: Any) -> tuple[Any, ...]:
 
 
 def _make_vae(raw: Mapping[str, Any], dtype: Any) -> Any:
-    from distrifusion_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
-
     config = AutoencoderKLConfig.from_diffusers(dict(raw))
     return AutoencoderKL(config, dtype=dtype, param_dtype=dtype)
 
@@ -95,8 +94,6 @@ def _vae_inputs(module: Any) -> tuple[Any, ...]:
 
 def _make_clip(default_class: str) -> Callable[[Mapping[str, Any], Any], Any]:
     def make(raw: Mapping[str, Any], dtype: Any) -> Any:
-        from distrifusion_jax.models import clip
-
         archs = raw.get("architectures") or [default_class]
         classes = {
             "CLIPTextModel": clip.CLIPTextModel,
@@ -179,7 +176,7 @@ def convert_params(
     """Strictly convert `source` onto `module`'s param tree, casting each tensor as it is read.
 
     Returns a nested dict of C-contiguous numpy arrays in the target leaves' dtypes.
-    Raises `convert.keys.ConversionError` listing every missing, unexpected or mis-shaped key.
+    Raises `ConversionError` listing every missing, unexpected or mis-shaped key.
     """
     target = component.target(module) if target is None else target
     flat = flatten(target)

@@ -1,6 +1,7 @@
 """Loading model weights: a converted folder (orbax), a diffusers folder, or a single file.
 
-A converted model (written by `python -m convert SRC DST`) looks like
+A converted model (written by `distrifusion-convert SRC DST` or `python -m convert SRC DST`)
+looks like
 
     DST/model_index.json        diffusers' index plus "_distrifusion_jax": format, dtype, versions
     DST/unet/config.json        the component's diffusers config, as published
@@ -26,8 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert import components
-from convert.keys import ConversionError, flatten, unflatten
+from distrifusion_jax import __version__
+from distrifusion_jax.io import components, single_file
+from distrifusion_jax.io.keys import ConversionError, flatten, mismatch_message, unflatten
+from distrifusion_jax.io.weights import open_weights
 
 FORMAT = "distrifusion-jax"
 FORMAT_VERSION = 1
@@ -156,9 +159,7 @@ def _check_same_tree(saved: Mapping[tuple, Any], want: Mapping[tuple, Any], wher
         if p in want and tuple(saved[p].shape) != tuple(want[p].shape)
     ]
     if missing or unexpected or misshaped:
-        from convert.keys import _report
-
-        raise ConversionError(f"{where}: " + _report(missing, unexpected, misshaped))
+        raise ConversionError(f"{where}: " + mismatch_message(missing, unexpected, misshaped))
 
 
 # ---- the manifest -----------------------------------------------------------------------
@@ -185,8 +186,6 @@ def manifest(
       index: the source's diffusers `model_index.json`; its entries for folders we copied or
         converted are kept, the others dropped.
     """
-    from distrifusion_jax import __version__
-
     out: dict[str, Any] = {}
     for key, value in (index or {}).items():
         if key.startswith("_") or key in components.COPIED_FOLDERS:
@@ -231,11 +230,11 @@ def load_component(
     Args:
       path: a converted model or its component folder, a diffusers root or component folder,
         or a single-file original-layout `.safetensors`.
-      name: the component (a key of `convert.components.COMPONENTS`).
+      name: the component (a key of `components.COMPONENTS`).
       dtype: params and activations dtype of the returned module.
       variant: diffusers weights variant (`"fp16"` reads `*.fp16.safetensors`).
       allow_pickle: allow `.bin`/`.ckpt` pickles (they can run code when loaded).
-      config, original_config: single files only (see `convert.single_file.component_configs`).
+      config, original_config: single files only (see `single_file.component_configs`).
 
     Returns:
       (Flax module, params) where params is the nested dict for `module.apply({"params": ...})`.
@@ -245,8 +244,6 @@ def load_component(
         raise FileNotFoundError(f"{path} does not exist")
     comp = components.get(name)
     if path.is_file():
-        from convert import single_file
-
         with single_file.open_single_file(
             path,
             names=(name,),
@@ -263,8 +260,6 @@ def load_component(
         module = comp.make(raw, dtype)
         if (folder / PARAMS).is_dir():
             return module, restore_params(folder / PARAMS, target=comp.target(module))
-        from convert.weights import open_weights
-
         with open_weights(folder, variant=variant, allow_pickle=allow_pickle) as source:
             params = components.convert_params(source, comp, module)
     return module, _device_put(params)

@@ -20,13 +20,21 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from convert.weights import (
+from distrifusion_jax.io.components import read_config
+from distrifusion_jax.io.keys import ConversionError
+from distrifusion_jax.io.weights import (
     ALLOW_PICKLE_HINT,
+    PICKLE_SUFFIXES,
     DictSource,
+    PickleFile,
     PickleRefused,
+    SafetensorsFile,
     TensorSource,
     WeightsError,
 )
+from distrifusion_jax.models.clip import sdxl_text_encoder_2_config, sdxl_text_encoder_config
+from distrifusion_jax.models.unet_config import sdxl_base
+from distrifusion_jax.models.vae import sdxl_vae_config
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIXES = ("first_stage_model.", "vae.")
@@ -36,16 +44,14 @@ TE2_PREFIX = "conditioner.embedders.1.model."
 
 def _sdxl_configs() -> dict[str, dict[str, Any]]:
     """stabilityai/stable-diffusion-xl-base-1.0's published component configs."""
-    from distrifusion_jax.models import clip, unet_config, vae
-
-    te1 = {"architectures": ["CLIPTextModel"], **clip.sdxl_text_encoder_config().to_dict()}
+    te1 = {"architectures": ["CLIPTextModel"], **sdxl_text_encoder_config().to_dict()}
     te2 = {
         "architectures": ["CLIPTextModelWithProjection"],
-        **clip.sdxl_text_encoder_2_config().to_dict(),
+        **sdxl_text_encoder_2_config().to_dict(),
     }
     return {
-        "unet": unet_config.sdxl_base().to_diffusers(),
-        "vae": {"_class_name": "AutoencoderKL", **vae.sdxl_vae_config().to_dict()},
+        "unet": sdxl_base().to_diffusers(),
+        "vae": {"_class_name": "AutoencoderKL", **sdxl_vae_config().to_dict()},
         "text_encoder": te1,
         "text_encoder_2": te2,
     }
@@ -53,8 +59,6 @@ def _sdxl_configs() -> dict[str, dict[str, Any]]:
 
 def load_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, Any]:
     """All tensors of a single file as (lazily mmapped) torch tensors."""
-    from convert.weights import PICKLE_SUFFIXES, PickleFile, SafetensorsFile
-
     path = Path(path)
     if path.name.endswith(".safetensors"):
         SafetensorsFile(path).close()  # validates the header: one clear error if corrupt
@@ -84,8 +88,6 @@ def component_configs(
     `from_single_file(config=...)`; the original YAML; the published SDXL base configs.
     """
     from diffusers.loaders import single_file_utils as sfu
-
-    from convert.components import read_config
 
     present = [
         name
@@ -171,8 +173,6 @@ def open_single_file(
       original_config: the original YAML (path or parsed dict).
       allow_pickle: allow pickles (they can run code when loaded).
     """
-    from convert.keys import ConversionError
-
     path = Path(path)
     if isinstance(original_config, (str, os.PathLike)):
         import yaml

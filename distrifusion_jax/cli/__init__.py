@@ -1,0 +1,1 @@
+"""Command-line entry points (console scripts `distrifusion-convert`, `distrifusion-generate`)."""

@@ -1,0 +1,172 @@
+"""The quality study: DistriFusion configurations vs the single-device image, on a fixed set.
+
+Every configuration generates the same (prompt, seed) pairs from the same initial noise and is
+compared with the single-device images (`metrics.py`) and classified (`classifier.py`).
+Imports no JAX at module level: `scripts/quality.py` builds its pairs before it sets XLA flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from distrifusion_jax.parallel.config import ParallelConfig
+
+SEEDS = (0, 1)
+PCPP = 0.3  # the PCPP paper's portion of each neighbour band
+# full_sync must reproduce the single-device image: float reassociation may flip a pixel level.
+EXACT_MAX_ABS_DIFF = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityConfig:
+    """One configuration of the study; `groups` name the plots it appears in."""
+
+    name: str
+    mode: str
+    n: int
+    warmup_steps: int | None = 4  # None: naive_patch (warm-up does not apply)
+    naive_split: str | None = None
+    groups: tuple[str, ...] = ()  # "n", "warmup", "gn", "naive", "exact", "pcpp"
+    pcpp: float | None = None
+
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(
+            patches=self.n,
+            mode=self.mode,
+            naive_split=self.naive_split or "row",
+            warmup_steps=4 if self.warmup_steps is None else self.warmup_steps,
+            pcpp=self.pcpp,
+        )
+
+
+def fixed_pairs(prompts: Sequence[str], seeds: Sequence[int] = SEEDS) -> list[tuple[str, int]]:
+    """The study's (prompt, seed) set, prompt-major: every prompt with every seed."""
+    return [(p, s) for p in prompts for s in seeds]
+
+
+def default_configs(n_max: int = 8) -> list[QualityConfig]:
+    """Every configuration up to `n_max` devices (see `scripts/quality.py`)."""
+    C = QualityConfig
+    ns = [n for n in (2, 4, 8) if n <= n_max]
+    big = ns[-1]
+    cfgs = [C(f"full_sync-n{n}", "full_sync", n, groups=("exact",)) for n in ns]
+    cfgs += [
+        C(
+            f"corrected-n{n}",
+            "corrected_async_gn",
+            n,
+            groups=("n",) + (("warmup", "gn", "naive") if n == big else ()),
+        )
+        for n in ns
+    ]
+    cfgs += [
+        C(f"warmup-w{w}-n{big}", "corrected_async_gn", big, w, groups=("warmup",))
+        for w in (0, 1, 2)
+    ]
+    cfgs += [
+        C(f"{m}-n{big}", m, big, groups=("gn",))
+        for m in ("sync_gn", "stale_gn", "separate_gn", "no_sync")
+    ]
+    cfgs += [
+        C(
+            f"naive_alternate-n{n}",
+            "naive_patch",
+            n,
+            None,
+            "alternate",
+            groups=("n", "naive") if n == big else ("n",),
+        )
+        for n in ns
+    ]
+    cfgs += [C(f"naive_row-n{big}", "naive_patch", big, None, "row", groups=("naive",))]
+    cfgs += [C(f"pcpp-n{n}", "corrected_async_gn", n, groups=("n", "pcpp"), pcpp=PCPP) for n in ns]
+    return cfgs
+
+
+def initial_noise(pairs, shape: tuple[int, int, int]) -> np.ndarray:
+    """`[len(pairs), h, w, C]`: pair (prompt, seed) gets `pipe(prompt, seed=seed)`'s noise."""
+    import jax
+
+    rows = []
+    for _, seed in pairs:
+        noise_key, _ = jax.random.split(jax.random.PRNGKey(seed))
+        rows.append(np.asarray(jax.random.normal(noise_key, (1, *shape), np.float32))[0])
+    return np.stack(rows)
+
+
+def generate(
+    model: str,
+    parallel: ParallelConfig,
+    pairs,
+    *,
+    steps: int,
+    scheduler: str,
+    guidance: float,
+    height: int | None = None,
+    width: int | None = None,
+) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Images of one configuration.
+
+    Returns:
+      (uint8 `[len(pairs), H, W, 3]`, seconds for load + compile + generate + decode, (H, W))
+    """
+    from distrifusion_jax.pipeline import DistriSDXLPipeline
+
+    t0 = time.perf_counter()
+    pipe = DistriSDXLPipeline.from_pretrained(model, parallel=parallel)
+    h = height or pipe.default_size
+    w = width or pipe.default_size
+    f = pipe.vae_scale_factor
+    noise = initial_noise(pairs, (h // f, w // f, pipe.unet.config.in_channels))
+    images = pipe(
+        [p for p, _ in pairs],
+        height=h,
+        width=w,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        scheduler=scheduler,
+        noise=noise,
+    )
+    return np.stack([np.asarray(im) for im in images]), time.perf_counter() - t0, (h, w)
+
+
+def agreement(pred: np.ndarray | None, target: np.ndarray | None) -> float | None:
+    """Fraction of equal class ids; None without predictions."""
+    return None if pred is None or target is None else float((pred == target).mean())
+
+
+def config_row(
+    cfg: QualityConfig,
+    per: dict[str, list],
+    summary: dict[str, Any],
+    cls: np.ndarray | None,
+    ref_cls: np.ndarray | None,
+    prompt_cls: np.ndarray,
+    seconds: float,
+) -> dict[str, Any]:
+    """quality.json's row of one configuration.
+
+    Args:
+      per, summary: `metrics.image_metrics` and `metrics.summarize` vs the reference images.
+      cls, ref_cls: classifier predictions `[N]` for its and the reference images (or None);
+      prompt_cls: the prompted classes `[N]`.
+    """
+    return {
+        "name": cfg.name,
+        "mode": cfg.mode,
+        "n": cfg.n,
+        "warmup_steps": None if cfg.mode == "naive_patch" else cfg.warmup_steps,
+        "naive_split": cfg.naive_split,
+        "groups": list(cfg.groups),
+        "pcpp": cfg.pcpp,
+        **summary,
+        "class_agreement": agreement(cls, ref_cls),
+        "class_accuracy": agreement(cls, prompt_cls),
+        "per_image": per,
+        "seconds": seconds,
+    }

@@ -1,0 +1,1 @@
+"""Checkpoints: diffusers/PyTorch key maps, weights reading, conversion, orbax save/restore."""

@@ -1,0 +1,33 @@
+"""The step's state: variable collections carried from one denoising step to the next.
+
+- `STALE`: what patch-aware layers exchanged (conv halo rows, self-attention K,V, GroupNorm
+  moments), written by synchronous steps and by displaced steps for step t+1;
+- `OUTBOX`: a displaced step's local values parked for the fused exchange (`exchange.flush`);
+  never carried across steps;
+- `TEXT_KV`: the cross-attention K,V of the text, computed in the first step and read after.
+
+Outside `shard_map` every leaf has a leading axis with one slot per device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+STALE = "stale"
+OUTBOX = "outbox"
+TEXT_KV = "text_kv"
+
+State = dict[str, Any]
+
+
+def state_bytes(state: State) -> int:
+    """Bytes held by ONE device (leaves carry a leading device axis)."""
+    return sum(a.size // a.shape[0] * a.dtype.itemsize for a in jax.tree.leaves(state))
+
+
+def state_shapes(step, *args) -> State:
+    """The state `step(*args) -> (eps, state)` returns, as shapes (`jax.ShapeDtypeStruct`):
+    traced abstractly, nothing runs (e.g. the input of a displaced step)."""
+    return jax.eval_shape(step, *args)[1]

@@ -1,0 +1,46 @@
+"""Fashion-MNIST (Debian `dataset-fashion-mnist`): the class names, the prompts, the images."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+# The shipped model's prompts, class order: "a photo of a t-shirt", ..., "a photo of an ankle boot".
+PROMPTS = tuple(f"a photo of {'an' if c[0] in 'aeiou' else 'a'} {c}" for c in CLASSES)
+
+
+def load_fashion_mnist(split: str = "train", data: Path = DATA) -> tuple[np.ndarray, np.ndarray]:
+    """Images padded to 32x32 with a black border, and their labels.
+
+    Args:
+      split: "train" (60k) or "test" (10k).
+      data: the folder with the four idx `.gz` files.
+    Returns:
+      (images `[N, 32, 32, 1]` float32 in [-1, 1], labels `[N]` int32)
+    """
+    prefix = "train" if split == "train" else "t10k"
+    path = data / f"{prefix}-images-idx3-ubyte.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: apt-get install -y dataset-fashion-mnist")
+    raw = np.frombuffer(gzip.decompress(path.read_bytes()), np.uint8, offset=16)
+    labels = np.frombuffer(
+        gzip.decompress((data / f"{prefix}-labels-idx1-ubyte.gz").read_bytes()), np.uint8, offset=8
+    )
+    x = raw.reshape(-1, 28, 28).astype(np.float32) / 127.5 - 1.0  # [N, 28, 28]
+    x = np.pad(x, ((0, 0), (2, 2), (2, 2)), constant_values=-1.0)[..., None]  # [N, 32, 32, 1]
+    return x, labels.astype(np.int32)
