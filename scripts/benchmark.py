@@ -139,6 +139,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scaling-timeout", type=int, default=1200, help="seconds per run")
     p.add_argument("--rounds", type=int, default=3, help="(--scaling) interleaved repetitions")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--target", nargs="+", default=None,
+                   help="compile the displaced step for these accelerators without the devices "
+                   "(h200x8 h100x8 a100x8 v5e-8 v5p-8; needs .[aot]): memory and overlap")
     args = p.parse_args(argv)
     for flag, label in [("--mode", args.mode)] + [
         ("--scaling-modes", m) for m in args.scaling_modes
@@ -171,6 +174,17 @@ def write_json(path: str, res: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.target:  # distrifusion_jax/aot: the compiled schedule and memory of each target
+        from distrifusion_jax.aot.__main__ import main as aot_main
+
+        return aot_main([
+            "--targets", *args.target, "--resolutions", *map(str, args.resolutions),
+            "--mode", mode_fields(args.mode)["mode"],
+            *(["--fused-exchange"] if mode_fields(args.mode)["fused_exchange"] else []),
+            *(["--pcpp", str(args.pcpp)] if args.pcpp else []),
+            "--json", str(REPO / "results" / "aot.json") if args.json.endswith("benchmark.json")
+            else args.json, "--timeline", str(REPO / "results" / "aot_timeline.png"),
+        ])  # fmt: skip
     t0 = time.perf_counter()
     # This process's fake CPU devices (cost analysis, model mode); scaling workers set their own.
     os.environ["XLA_FLAGS"] = (

@@ -13,6 +13,7 @@ from distrifusion_jax.eval.mode_labels import mode_fields
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_model_mode_rows(tiny_sdxl, capsys):
     rows = model_rows(str(tiny_sdxl.root), [1, 2, 4], steps=5, warmup_steps=1)
     assert [r["n"] for r in rows] == [1, 2, 4]

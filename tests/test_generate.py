@@ -81,6 +81,7 @@ def test_existing_output_refused(tiny_sdxl, tmp_path, capsys):
     assert out.read_bytes() == b"keep me"
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tiny_sdxl, tmp_path):
     """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) == 1 process x 8 devices."""
     common = [

@@ -89,6 +89,7 @@ def test_full_sync_image_equals_single_device(pipes, single, kw):
     assert np.abs(np.asarray(img, np.float64) - single).max() <= 1.0  # <= 1/255
 
 
+@pytest.mark.slow
 def test_displaced_image_close_to_single_device(pipes, single):
     """Random tiny weights; PSNR >= 30 dB stated bound (see the closing note for values)."""
     img = pipes(patches=8, warmup_steps=1)(PROMPT, num_inference_steps=STEPS, seed=1)[0]

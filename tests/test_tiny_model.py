@@ -82,6 +82,7 @@ def test_classifier_on_real_images():
     assert acc >= 0.8
 
 
+@pytest.mark.slow
 def test_default_generate_run_writes_png(tmp_path, monkeypatch, capsys):
     """`python scripts/generate.py` with no arguments: the shipped model, a 32x32 PNG."""
     from PIL import Image
@@ -93,6 +94,7 @@ def test_default_generate_run_writes_png(tmp_path, monkeypatch, capsys):
     assert Image.open(tmp_path / "out.png").text["prompt"] == generate.DEFAULT_PROMPT
 
 
+@pytest.mark.slow
 def test_generated_images_follow_prompts():
     """Through the library pipeline (Euler from the model's scheduler config, CFG 5)."""
     images = generate_images(MODEL, list(PROMPTS), seeds=[0, 1], steps=20)

@@ -269,10 +269,13 @@ def computation_cost(comp: Computation, comps: dict[str, Computation]) -> OpCost
 
 
 def iter_async_collectives(comp: Computation) -> Iterator[tuple[int, int, Instr]]:
-    """(start position, done position, start instruction) of each async collective pair."""
+    """(start position, done position, start instruction) of each async collective pair; a
+    synchronous collective is its own start and done."""
     where = {ins.name: i for i, ins in enumerate(comp.instrs)}
     for i, ins in enumerate(comp.instrs):
-        if ins.opcode.endswith("-done") and ins.operands and ins.operands[0] in where:
+        if ins.opcode in COLLECTIVES:
+            yield i, i, ins
+        elif ins.opcode.endswith("-done") and ins.operands and ins.operands[0] in where:
             j = where[ins.operands[0]]
             start = comp.instrs[j]
             if start.opcode.startswith(COLLECTIVES):

@@ -86,10 +86,13 @@ TARGETS = {
 def received_bytes(start: hlo.Instr) -> float:
     """Bytes one device receives from an async collective's `*-start` instruction."""
     arrays = [a for a in start.arrays if a.dims or a.dtype not in ("u32", "s32")]
+    groups = re.findall(r"\{([\d,]+)\}", start.attr("replica_groups") or "")
+    n = len(groups[0].split(",")) if groups else 2
     if start.opcode.startswith("all-reduce"):
-        groups = re.findall(r"\{([\d,]+)\}", start.attr("replica_groups") or "")
-        n = len(groups[0].split(",")) if groups else 2
         return 2 * (n - 1) / n * sum(a.bytes for a in arrays)
+    if start.opcode in hlo.COLLECTIVES:  # synchronous: the result only
+        total = sum(a.bytes for a in arrays)
+        return (n - 1) / n * total if start.opcode == "all-gather" else total
     half = len(arrays) // 2  # (operands..., results...)
     ins, outs = arrays[:half], arrays[half:]
     if start.opcode.startswith("all-gather"):
@@ -223,3 +226,21 @@ def analyze(comp: hlo.Computation, comps: dict[str, hlo.Computation], target: Ta
 def busiest(comps: dict[str, hlo.Computation]) -> hlo.Computation:
     """The computation with the most async collectives (the step, or a sampler loop's body)."""
     return max(comps.values(), key=lambda c: (sum(1 for _ in hlo.iter_async_collectives(c)), c.entry))
+
+
+def latency_profile(comps: dict[str, hlo.Computation], target: Target) -> str:
+    """A profile for XLA GPU's profile-guided latency estimator (`ProfiledInstructionsProto`
+    text) from the roofline model: every compute instruction's time and every collective's
+    transfer time, so the latency-hiding scheduler starts each transfer early enough to cover
+    it (its built-in estimate of a transfer is a few microseconds, whatever its size)."""
+    lines = []
+    for comp in comps.values():
+        for ins in comp.instrs:
+            if ins.opcode.endswith("-start") and ins.opcode.startswith(hlo.COLLECTIVES):
+                seconds = target.latency_s + received_bytes(ins) / target.link_bytes_per_s
+            elif ins.opcode in hlo.FREE_OPS or ins.opcode.endswith("-done"):
+                continue
+            else:
+                seconds = op_time(hlo.op_cost(ins, comp, comps), target)
+            lines.append(f'costs {{ name: "{ins.name}" cost_us: {1e6 * seconds:.3f} }}')
+    return "\n".join(lines) + "\n"

@@ -48,9 +48,11 @@ def aot_rows(
             for program in programs:
                 log(f"[aot] compiling the {program} for {name} at {res}^2 ...")
                 if program == "step":
-                    c = compile_step(model, params, pc, devices, res)
+                    c = compile_step(model, params, pc, devices, res, target=target)
                 else:
-                    c = compile_sampler(model, params, pc, devices, res, scheduler_config, steps)
+                    c = compile_sampler(
+                        model, params, pc, devices, res, scheduler_config, steps, target=target
+                    )
                 ov = analyze_compiled(c.compiled, target)
                 overlaps[(name, res, program)] = ov
                 rows.append(

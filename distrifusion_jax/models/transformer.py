@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distrifusion_jax.models.attention_ops import attention
 from distrifusion_jax.models.layers import Dense
 from distrifusion_jax.parallel import KVExchange, PatchContext, PatchConv, PatchGroupNorm
 from distrifusion_jax.parallel.state import TEXT_KV  # cross-attention K,V of the text, cached
@@ -73,7 +74,7 @@ class Attention(nn.Module):
         q = q.reshape(b, -1, self.heads, self.dim_head)  # [B, L, heads, dh]
         k = k.reshape(b, -1, self.heads, self.dim_head)
         v = v.reshape(b, -1, self.heads, self.dim_head)
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, L, heads, dh]; fp32 logits
+        o = attention(q, k, v, mask)  # [B, L, heads, dh]; fp32 logits, chunked when large
         o = o.reshape(b, -1, inner)
         return dense(self.out_dim, "to_out_0", True, self.out_dtype)(o)
 

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distrifusion_jax.models.attention_ops import attention
 from distrifusion_jax.parallel import KVExchange, PatchContext, PatchConv, PatchGroupNorm
 
 Dtype = Any
@@ -191,7 +192,7 @@ class Attention(_Base):
         q, k, v = dense("to_q")(t), dense("to_k")(t), dense("to_v")(t)
         k, v, mask = KVExchange(self.patch, name="kv_exchange")(k, v)  # full-image K,V
         # [B, L, 1, C]: one head of size C (diffusers: attention_head_dim = channels)
-        y = jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], mask=mask)
+        y = attention(q[:, :, None], k[:, :, None], v[:, :, None], mask)  # chunked when large
         y = dense("to_out_0")(y.reshape(b, h * w, c)).reshape(b, h, w, c)
         return y + x
 

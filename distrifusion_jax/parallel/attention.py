@@ -2,8 +2,8 @@
 
 Tokens are row-major, so band i holds the contiguous token range [i*l, (i+1)*l), l = L/n.
 Sync step: `all_gather` this step's local K,V and use them now (exact).
-Displaced step: use the full K,V gathered in step t-1 with this band's own slice replaced
-by the fresh local K,V, and `all_gather` the fresh K,V for step t+1 (not read here).
+Displaced step: use the full K,V of step t-1 (gathered at the start of this step) with this
+band's own slice replaced by the fresh local K,V, and park the fresh K,V for step t+1.
 
 PCPP (`ctx.pcpp = p`, arXiv 2412.02962), displaced steps only: the band attends to its own
 fresh tokens plus the r = round(p * l) nearest tokens of each neighbour band (the last r of
@@ -49,9 +49,12 @@ class KVExchange(nn.Module):
             k_full = exchange("k", k, ctx.axis, ctx.n)
             v_full = exchange("v", v, ctx.axis, ctx.n)
             if ctx.pcpp is None:
-                store(self, k=k_full, v=v_full)
-            else:  # the neighbours' edge rows for the displaced steps, cut from the full K,V
-                store(self, **_neighbour_rows(k_full, v_full, k.shape[1], ctx))
+                store(self, ctx, local={"k": k, "v": v}, received={"k": k_full, "v": v_full})
+            else:  # the neighbours' edge rows for the displaced steps
+                l, r = k.shape[1], pcpp_tokens(ctx.pcpp, k.shape[1])
+                kv = jnp.stack([k, v])  # [2, B, l, C]
+                local = {"above": kv[:, :, l - r :], "below": kv[:, :, :r]}
+                store(self, ctx, local, _neighbour_rows(k_full, v_full, l, ctx))
             return k_full, v_full, None
         if ctx.pcpp is not None:
             return self._partial(k, v, ctx)
@@ -60,8 +63,7 @@ class KVExchange(nn.Module):
         start = jax.lax.axis_index(ctx.axis) * k.shape[1]
         k_full = jax.lax.dynamic_update_slice_in_dim(k_stale, k.astype(k_stale.dtype), start, 1)
         v_full = jax.lax.dynamic_update_slice_in_dim(v_stale, v.astype(v_stale.dtype), start, 1)
-        if ctx.refresh_state:
-            send(self, ctx, k=k, v=v)  # read in step t+1
+        send(self, ctx, k=k, v=v)  # exchanged at the start of step t+1
         return k_full.astype(k.dtype), v_full.astype(v.dtype), None
 
     def _partial(self, k: jax.Array, v: jax.Array, ctx: PatchContext):
@@ -72,9 +74,8 @@ class KVExchange(nn.Module):
             return k, v, None
         above = self.get_variable(STALE, "above").astype(k.dtype)  # [2, B, r, C] from band i-1
         below = self.get_variable(STALE, "below").astype(k.dtype)  # [2, B, r, C] from band i+1
-        if ctx.refresh_state:
-            kv = jnp.stack([k, v])  # [2, B, l, C]
-            send(self, ctx, above=kv[:, :, l - r :], below=kv[:, :, :r])  # read in step t+1
+        kv = jnp.stack([k, v])  # [2, B, l, C]
+        send(self, ctx, above=kv[:, :, l - r :], below=kv[:, :, :r])  # for step t+1
         i = jax.lax.axis_index(ctx.axis)
         edge = jnp.ones((r,), bool)
         mask = jnp.concatenate([edge & (i > 0), jnp.ones((l,), bool), edge & (i < ctx.n - 1)])

@@ -2,7 +2,7 @@
 
 Sync step: `ppermute` this step's own boundary rows to the neighbours and convolve with
 them now (exact). Displaced step: convolve with the neighbours' rows from step t-1 (state
-collection "stale") and send this step's rows for step t+1; the exchange is not read here.
+collection "stale", received at the start of this step) and park this step's rows for t+1.
 """
 
 from __future__ import annotations
@@ -88,10 +88,12 @@ class PatchConv(nn.Module):
             above = exchange("above", bottom, ctx.axis, ctx.n)
             below = exchange("below", top, ctx.axis, ctx.n)
             if not self.exact:  # conv_in never reads stale rows: it keeps no state
-                store(self, above=above, below=below)
+                store(
+                    self, ctx, local={"above": bottom, "below": top},
+                    received={"above": above, "below": below},
+                )  # fmt: skip
         else:
             above = self.get_variable(STALE, "above")
             below = self.get_variable(STALE, "below")
-            if ctx.refresh_state:
-                send(self, ctx, above=bottom, below=top)  # read in step t+1
+            send(self, ctx, above=bottom, below=top)  # exchanged at the start of step t+1
         return jnp.concatenate([above.astype(x.dtype), x, below.astype(x.dtype)], axis=1)

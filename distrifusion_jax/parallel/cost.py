@@ -26,7 +26,7 @@ from distrifusion_jax.parallel.config import ParallelConfig
 from distrifusion_jax.parallel.conv import PatchConv, halo_rows
 from distrifusion_jax.parallel.groupnorm import PatchGroupNorm
 from distrifusion_jax.parallel.mesh import make_mesh
-from distrifusion_jax.parallel.state import STALE, state_bytes, state_shapes
+from distrifusion_jax.parallel.state import carried_bytes, state_shapes
 from distrifusion_jax.parallel.step import make_step
 
 
@@ -37,7 +37,7 @@ class StepCost:
     flops: float
     exchanged_elements: float  # received by an interior device
     exchanged_bytes: float
-    state_bytes: int  # stale buffers held by one device (not the cached text K,V)
+    state_bytes: int  # carried between steps by one device (not the cached text K,V)
     by_kind: dict[str, dict[str, float]]
     analytic_elements: dict[str, float] = dataclasses.field(default_factory=dict)
     compiled: dict[str, Any] | None = None  # compiled_exchange(...) and "peak_bytes"
@@ -89,7 +89,7 @@ def step_cost(
         flops=flops,
         exchanged_elements=sum(k["elements"] for k in kinds.values()),
         exchanged_bytes=sum(k["bytes"] for k in kinds.values()),
-        state_bytes=state_bytes(state.get(STALE, {})) if displaced else 0,
+        state_bytes=carried_bytes(state) if displaced else 0,
         by_kind=kinds,
         analytic_elements=analytic_exchange(step, args),
         compiled=compiled_stats,

@@ -1,7 +1,7 @@
-"""What each stale buffer receives, one collective per buffer or all of a step's in a few.
+"""What each stale buffer receives, and when: the exchange of step t runs at the start of t+1.
 
-A patch-aware layer keeps its exchanged values in the "stale" collection under one of the
-names in `RULES`; the name says how a device's local value becomes what its peers store:
+A patch-aware layer names its exchanged values with one of the names in `RULES`; the name says
+how a device's local value becomes what its peers receive:
 
 - `above`: this band's bottom rows, `ppermute`d to band j+1 (band 0 receives zeros);
 - `below`: this band's top rows, `ppermute`d to band j-1 (the last band receives zeros);
@@ -11,13 +11,14 @@ names in `RULES`; the name says how a device's local value becomes what its peer
 (PCPP self-attention keeps its neighbours' edge tokens of K,V, stacked `[2, B, r, C]`, as
 `above`/`below` too.)
 
-In a displaced step the exchanged values are read only in step t+1. `send` either issues each
-layer's collective where the layer runs (default: on an accelerator XLA overlaps each with the
-rest of the step), or, with `ctx.fused_exchange`, parks the local value in the "outbox"
-collection, and `flush` then exchanges the whole outbox in one `ppermute` per direction and one
-`all_gather` per dtype (for hosts where collectives block and cost a fixed latency each, as CPU
-processes). Both deliver the same values (up to the last bit where XLA fuses the computation of
-a sent value differently in the two programs).
+Every step parks its layers' local values in the "outbox" collection (`store` in a synchronous
+step, `send` in a displaced one); the state carried to the next step is that outbox. A
+displaced step begins by exchanging it (`receive`): its collectives read only the state, never
+this step's latents, so each can run while the layers before its reader compute, and the
+carried state is the local values (1/n of the gathered K,V). Per buffer (default) or, with
+`ctx.fused_exchange`, in one `ppermute` per direction and one `all_gather` per dtype (`flush`:
+for hosts where collectives block and cost a fixed latency each, as CPU processes). `no_sync`
+keeps what its last synchronous step received in "stale", frozen.
 """
 
 from __future__ import annotations
@@ -61,25 +62,35 @@ def exchange(name: str, x: jax.Array, axis: str, n: int) -> jax.Array:
     return shift_rows(x, axis, n, down=kind == "down")
 
 
-def store(module: nn.Module, **received: jax.Array) -> None:
-    """Synchronous step: keep what the layer just received for the displaced steps."""
-    if module.is_mutable_collection(STALE):
-        for name, x in received.items():
-            module.put_variable(STALE, name, x)
+def store(module: nn.Module, ctx: PatchContext, local: dict, received: dict) -> None:
+    """Synchronous step: keep what the displaced steps will read.
+
+    Refreshing modes keep this step's `local` values in "outbox", exactly as a displaced step
+    parks its sends: the next displaced step exchanges them at its start (`receive`).
+    `no_sync` keeps the `received` values in "stale": frozen, never exchanged again.
+    """
+    target, values = (OUTBOX, local) if ctx.refresh_state else (STALE, received)
+    if module.is_mutable_collection(target):
+        for name, x in values.items():
+            module.put_variable(target, name, x)
 
 
 def send(module: nn.Module, ctx: PatchContext, **local: jax.Array) -> None:
-    """Displaced step: exchange the layer's local values for step t+1 (not read in this step).
+    """Displaced step: park the layer's local values in "outbox" for step t+1 (`receive`
+    exchanges them at its start); nothing is sent now, so nothing here waits on the link."""
+    if ctx.refresh_state and module.is_mutable_collection(OUTBOX):
+        for name, x in local.items():
+            module.put_variable(OUTBOX, name, x)
 
-    Per layer, the collectives are issued here and the results stored in "stale"; with
-    `ctx.fused_exchange` the local values go to "outbox" for `flush`.
-    """
-    target = OUTBOX if ctx.fused_exchange else STALE
-    if not module.is_mutable_collection(target):
-        return
-    for name, x in local.items():
-        value = x if ctx.fused_exchange else exchange(name, x, ctx.axis, ctx.n)
-        module.put_variable(target, name, value)
+
+def receive(outbox: Any, axis: str, n: int, fused: bool = False) -> dict:
+    """Start of a displaced step: the previous step's outbox (nested dict of local values) ->
+    the same tree as received ("stale"), one collective per buffer (each can finish while the
+    layers before its reader compute), or, `fused`, a few concatenated ones (`flush`)."""
+    if fused:
+        return flush(outbox, axis, n)
+    flat = traverse_util.flatten_dict(outbox)
+    return traverse_util.unflatten_dict({p: exchange(p[-1], x, axis, n) for p, x in flat.items()})
 
 
 def flush(outbox: Any, axis: str, n: int) -> dict:

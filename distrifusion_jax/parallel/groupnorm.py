@@ -106,7 +106,7 @@ class PatchGroupNorm(nn.Module):
             gathered = exchange("moments", local, ctx.axis, ctx.n)  # [n, 2, B, G]
             full = combine(gathered)
             if ctx.rule.stale_moments:
-                store(self, moments=gathered)
+                store(self, ctx, local={"moments": local}, received={"moments": gathered})
         elif ctx.rule.groupnorm == "local":
             full = local
         else:

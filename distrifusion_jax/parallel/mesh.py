@@ -50,6 +50,37 @@ def shard(fn: Callable, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
+# XLA options for programs that exchange bands (`exchange_compiler_options`). GPU: keep one
+# collective per buffer (XLA's combiners would merge a step's exchanges into one that must
+# finish before the first reader) and let all of them be in flight at once, so each finishes
+# while the layers before its reader compute (measured in results/README.md, "Overlap").
+_GPU_OPTIONS = {
+    "xla_gpu_all_gather_combine_threshold_bytes": "0",
+    "xla_gpu_collective_permute_combine_threshold_bytes": "0",
+    "xla_gpu_experimental_parallel_collective_overlap_limit": "256",
+}
+# TPU: asynchronous, interleaved collectives (v5p/v6e otherwise run all-gathers synchronously).
+_TPU_OPTIONS = {
+    "xla_tpu_enable_async_collective_fusion": "true",
+    "xla_tpu_enable_async_collective_fusion_fuse_all_gather": "true",
+    "xla_tpu_enable_async_collective_fusion_multiple_steps": "true",
+    "xla_tpu_overlap_compute_collective_tc": "true",
+    "xla_enable_async_all_gather": "true",
+    "xla_enable_async_collective_permute": "true",
+}
+
+
+def exchange_compiler_options(mesh: Mesh) -> dict[str, str]:
+    """The XLA options the library compiles its exchanging programs with, for the mesh's
+    platform (none on CPU)."""
+    platform = mesh.devices.flat[0].platform
+    if platform in ("gpu", "cuda", "rocm"):
+        return dict(_GPU_OPTIONS)
+    if platform == "tpu":
+        return dict(_TPU_OPTIONS)
+    return {}
+
+
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
     """Join a multi-process run (`jax.distributed`); call before any other JAX use.
 

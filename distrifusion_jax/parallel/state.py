@@ -1,9 +1,9 @@
 """The step's state: variable collections carried from one denoising step to the next.
 
-- `STALE`: what patch-aware layers exchanged (conv halo rows, self-attention K,V, GroupNorm
-  moments), written by synchronous steps and by displaced steps for step t+1;
-- `OUTBOX`: a displaced step's local values parked for the fused exchange (`exchange.flush`);
-  never carried across steps;
+- `STALE`: what patch-aware layers read from step t-1 (conv halo rows, self-attention K,V,
+  GroupNorm moments): received at the start of a displaced step (`no_sync` carries it, frozen);
+- `OUTBOX`: each step's local values for its peers, carried to the next step, which exchanges
+  them at its start (`exchange.receive`);
 - `TEXT_KV`: the cross-attention K,V of the text, computed in the first step and read after.
 
 Outside `shard_map` every leaf has a leading axis with one slot per device.
@@ -25,6 +25,12 @@ State = dict[str, Any]
 def state_bytes(state: State) -> int:
     """Bytes held by ONE device (leaves carry a leading device axis)."""
     return sum(a.size // a.shape[0] * a.dtype.itemsize for a in jax.tree.leaves(state))
+
+
+def carried_bytes(state: State) -> int:
+    """Bytes ONE device carries between steps for the exchange (outbox or frozen stale
+    buffers; not the cached text K,V)."""
+    return state_bytes({k: v for k, v in state.items() if k != TEXT_KV})
 
 
 def state_shapes(step, *args) -> State:

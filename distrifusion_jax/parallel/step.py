@@ -23,11 +23,12 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from distrifusion_jax.parallel.config import ParallelConfig
-from distrifusion_jax.parallel.exchange import flush, merge
-from distrifusion_jax.parallel.mesh import AXES, shard
+from distrifusion_jax.parallel.exchange import merge, receive
+from distrifusion_jax.parallel.mesh import AXES, exchange_compiler_options, shard
 from distrifusion_jax.parallel.state import OUTBOX, STALE, TEXT_KV, State
 
 Cond = dict[str, jax.Array]
+
 
 def local_eps(
     model: nn.Module,
@@ -45,8 +46,10 @@ def local_eps(
     Args:
       model: the UNet module (its `patch` field is replaced for this step).
       state: variable collections from the previous step (`{}` before the first step):
-        "stale" (exchanged activations, read by displaced steps) and "text_kv" (the
-        cross-attention K,V of the text, computed in the first step and read afterwards).
+        "outbox" (the layers' local values of the previous step, exchanged at the start of a
+        displaced step and read by its layers as "stale"; `no_sync` carries "stale" itself,
+        frozen) and "text_kv" (the cross-attention K,V of the text, computed in the first
+        step and read afterwards).
       x: `[B_l, h, W, C]` latent band (already scaled for the model input).
       t: scalar timestep.
       cond: local conditioning, leading axes `[G_l, B_l]`.
@@ -64,17 +67,22 @@ def local_eps(
     xin = jnp.concatenate([x] * g_local, axis=0)
     tt = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (xin.shape[0],))
     mutable = [TEXT_KV] if TEXT_KV not in state else []
+    variables = {"params": params, **state}
     if parallel.tracks_state:
-        mutable.append(STALE)
-        if displaced and parallel.fused_exchange:
+        if parallel.rule.refresh:
             mutable.append(OUTBOX)
+            if displaced:  # last step's local values, exchanged now, read by this step's layers
+                stale = receive(state[OUTBOX], ctx.axis, ctx.n, fused=parallel.fused_exchange)
+                variables = {**variables, STALE: stale}
+        elif not displaced:  # no_sync: what the warm-up steps receive stays frozen
+            mutable.append(STALE)
     out, updates = model.clone(patch=ctx).apply(
-        {"params": params, **state}, xin, tt, flat(ehs), added, mutable=mutable
+        variables, xin, tt, flat(ehs), added, mutable=mutable
     )
-    outbox = updates.pop(OUTBOX, None)
-    state = {**state, **{k: dict(v) for k, v in updates.items() if v}}
-    if outbox:  # the displaced step's sends, exchanged together for step t+1
-        state[STALE] = merge(state[STALE], flush(outbox, ctx.axis, ctx.n))
+    state = dict(state)
+    for name, tree in updates.items():
+        if tree:
+            state[name] = merge(state[name], tree) if name in state else dict(tree)
     out = out.reshape((g_local, -1) + out.shape[1:]).astype(jnp.float32)
     if parallel.cfg_split:
         out = jax.lax.all_gather(out[0], "cfg")  # the two CFG halves meet: [2, B_l, h, W, C]
@@ -120,7 +128,11 @@ def make_step(
         eps, state = local_eps(model, params, state, x, t, cond, g, parallel, displaced)
         return eps, jax.tree.map(lambda a: a[None], state)
 
-    @functools.partial(jax.jit, donate_argnums=(1,) if donate_state else ())
+    @functools.partial(
+        jax.jit,
+        donate_argnums=(1,) if donate_state else (),
+        compiler_options=exchange_compiler_options(mesh),
+    )
     def step(params, state, latents, t, cond, guidance_scale=1.0):
         spec_x = latent_spec(split)
         fn = shard(

@@ -13,6 +13,7 @@ The loop does not care which scheduler drives it (interface: `sampling/schedule.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from distrifusion_jax.parallel.config import ParallelConfig
-from distrifusion_jax.parallel.mesh import shard
+from distrifusion_jax.parallel.mesh import exchange_compiler_options, shard
 from distrifusion_jax.parallel.step import STATE_SPEC, cond_spec, latent_spec, local_eps
 
 Cond = dict[str, jax.Array]
@@ -151,7 +152,7 @@ def make_sampler(
         out_specs=loop.latent_spec,
     )
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=exchange_compiler_options(mesh))
     def sample(params, noise, cond, guidance_scale, key):
         _checks(loop, noise.shape, cond)
         return sharded(params, noise, cond, jnp.asarray(guidance_scale, jnp.float32), key)
@@ -249,7 +250,11 @@ def make_stepper(
     cspec = cond_spec(parallel)
 
     def jit(f, in_specs, out_specs, donate=()):
-        return jax.jit(shard(f, mesh, in_specs, out_specs), donate_argnums=donate)
+        return jax.jit(
+            shard(f, mesh, in_specs, out_specs),
+            donate_argnums=donate,
+            compiler_options=exchange_compiler_options(mesh),
+        )
 
     def first(params, x, cond, g, key):
         return add(loop.step(params, loop.init(x), jnp.int32(0), cond, g, key, False))

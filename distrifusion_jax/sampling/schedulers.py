@@ -7,6 +7,25 @@ from distrifusion_jax.sampling.dpm_solver import DPMSolverMultistepScheduler
 from distrifusion_jax.sampling.euler import EulerDiscreteScheduler
 from distrifusion_jax.sampling.euler_ancestral import EulerAncestralDiscreteScheduler
 
+# stabilityai/stable-diffusion-xl-base-1.0 `scheduler/scheduler_config.json` (diffusers keys).
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
 # Short name -> (class, config values it forces). Iterating SCHEDULERS gives the names.
 _NAMED = {
     "ddim": (DDIMScheduler, {}),

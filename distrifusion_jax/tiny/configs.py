@@ -12,6 +12,7 @@ from typing import Any
 from distrifusion_jax.models.clip import CLIPTextConfig
 from distrifusion_jax.models.unet_config import UNetConfig
 from distrifusion_jax.models.vae import AutoencoderKLConfig
+from distrifusion_jax.sampling.schedulers import SDXL_SCHEDULER_CONFIG
 
 RES = 32  # default image size; the VAE factor is 1, so the latent is 32x32 too
 TIME_IDS = (RES, RES, 0, 0, RES, RES)  # SDXL micro-conditioning: original size, crop, target
@@ -65,23 +66,10 @@ _TE_COMMON: dict[str, Any] = {
 }
 TE1_CONFIG = dict(_TE_COMMON, hidden_act="quick_gelu")  # as SDXL's CLIP ViT-L text tower
 TE2_CONFIG = dict(_TE_COMMON, hidden_act="gelu")  # as SDXL's OpenCLIP bigG text tower
-SCHEDULER_CONFIG: dict[str, Any] = {  # stabilityai/stable-diffusion-xl-base-1.0's
-    "_class_name": "EulerDiscreteScheduler",
+SCHEDULER_CONFIG: dict[str, Any] = {  # SDXL base's, as diffusers writes it
+    "_class_name": SDXL_SCHEDULER_CONFIG["_class_name"],
     "_diffusers_version": DIFFUSERS_VERSION,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
+    **SDXL_SCHEDULER_CONFIG,
 }
 CLASS_NAMES = {
     "unet": "UNet2DConditionModel",

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from distrifusion_jax.io.keys import flatten
 from distrifusion_jax.models.transformer import BasicTransformerBlock, Transformer2DModel
 from distrifusion_jax.parallel import ParallelConfig
-from distrifusion_jax.parallel.state import STALE
+from distrifusion_jax.parallel.state import OUTBOX
 from tests.tiny import assert_close, errors, flax_params, nchw_to_nhwc, randn, randomize_
 
 # Tolerance: fp32, 'highest' matmul precision; softmax/LayerNorm/GroupNorm summation order differ.
@@ -73,7 +73,7 @@ def test_transformer_2d_row_bands_full_sync():
     banded = plain.clone(patch=patch)
 
     def body(xb):
-        y, state = banded.apply({"params": params}, xb, ctx, mutable=[STALE])
+        y, state = banded.apply({"params": params}, xb, ctx, mutable=[OUTBOX])
         return y, jax.tree.map(lambda a: a[None], state)
 
     mesh = Mesh(np.array(jax.devices()[:n]), ("patch",))
@@ -81,13 +81,13 @@ def test_transformer_2d_row_bands_full_sync():
         body, mesh=mesh, in_specs=P(None, "patch"), out_specs=(P(None, "patch"), P("patch"))
     )
     out, state = jax.jit(f)(x)
-    keys = {"/".join(k) for k in flatten(state[STALE])}
+    keys = {"/".join(k) for k in flatten(state[OUTBOX])}
     for i in range(2):
         for kv in "kv":
             assert f"transformer_blocks_{i}/attn1/kv_exchange/{kv}" in keys
     assert not any("attn2" in k for k in keys)
-    # state: [n, B, L, C] full-image K,V gathered by every band
-    k_state = state[STALE]["transformer_blocks_0"]["attn1"]["kv_exchange"]["k"]
-    assert k_state.shape == (n, 2, 48, 32)
+    # state: [n, B, L/n, C], each band's local K,V (what it sends to the next step)
+    k_state = state[OUTBOX]["transformer_blocks_0"]["attn1"]["kv_exchange"]["k"]
+    assert k_state.shape == (n, 2, 48 // n, 32)
     mx, rel = errors(out, ref)
     assert mx <= 1e-5 and rel <= 1e-6, (mx, rel)

@@ -60,3 +60,40 @@ def eps_collectives(step, *args):
     closed = jax.make_jaxpr(step)(*args)
     labels, found = collective_taint(closed.jaxpr)
     return sorted(found[k] for k in labels[0]), found
+
+
+def _walk(jaxpr, tainted_inputs, found: list[str]) -> list[bool]:
+    """Propagate "depends on a marked input" through a jaxpr; append to `found` the name of
+    every collective whose operands do. Returns the taint of the outputs. Sub-jaxprs whose
+    inputs line up with the equation's are followed exactly; in others (loops, conds) any
+    tainted input taints every output and every collective inside: stricter, never laxer."""
+    env = dict(zip(jaxpr.invars, tainted_inputs))
+    read = lambda v: False if isinstance(v, core.Literal) else env.get(v, False)
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        subs = list(sub_jaxprs(eqn))
+        outs = [any(ins)] * len(eqn.outvars)
+        if eqn.primitive.name in COLLECTIVES:
+            if any(ins):
+                found.append(eqn.primitive.name)
+        elif len(subs) == 1 and len(subs[0].invars) == len(eqn.invars):
+            sub_outs = _walk(subs[0], ins, found)
+            if len(sub_outs) == len(eqn.outvars):
+                outs = sub_outs
+        else:
+            for sub in subs:
+                _walk(sub, [any(ins)] * len(sub.invars), found)
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def latent_collectives(step, args, argnum: int) -> list[str]:
+    """Sorted names of the collectives of `step(*args)` whose operands depend on `args[argnum]`
+    (e.g. this step's latents). Arguments may be shapes only."""
+    closed = jax.make_jaxpr(step)(*args)
+    leaves = [len(jax.tree.leaves(a)) for a in args]
+    first = sum(leaves[:argnum])
+    marks = [first <= i < first + leaves[argnum] for i in range(sum(leaves))]
+    found: list[str] = []
+    _walk(closed.jaxpr, marks, found)
+    return sorted(found)

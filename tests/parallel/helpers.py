@@ -12,20 +12,9 @@ from distrifusion_jax.parallel.state import state_shapes
 from distrifusion_jax.parallel.step import local_eps, make_step
 from distrifusion_jax.sampling import scheduler_from_config
 from distrifusion_jax.sampling.sample import make_sampler
+from distrifusion_jax.sampling.schedulers import SDXL_SCHEDULER_CONFIG
 
-# stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json (the fields the loop reads)
-SDXL_SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "clip_sample": False,
-}
+SDXL_SCHEDULER = SDXL_SCHEDULER_CONFIG
 
 
 def rel_err(a, b) -> float:

@@ -14,9 +14,9 @@ from distrifusion_jax.parallel import ParallelConfig
 from distrifusion_jax.parallel.comm import exchanged
 from distrifusion_jax.parallel.exchange import exchange, flush
 from distrifusion_jax.parallel.mesh import make_mesh, shard
-from distrifusion_jax.parallel.state import STALE
+from distrifusion_jax.parallel.state import OUTBOX
 from distrifusion_jax.parallel.step import make_step
-from tests.parallel.dataflow import eps_collectives
+from tests.parallel.dataflow import eps_collectives, latent_collectives
 from tests.parallel.helpers import sync_state
 from tests.parallel.unet_fixtures import example_inputs, tiny_unet
 
@@ -64,7 +64,7 @@ def test_fused_equals_per_layer_toy(toy, n, mode, cfg_split):
     if mode != "no_sync":  # the comparison can fail: the state is this step's, not the input's
         moved = [
             not np.array_equal(np.asarray(a), np.asarray(b))
-            for a, b in zip(jax.tree.leaves(old[STALE]), jax.tree.leaves(state_b[STALE]))
+            for a, b in zip(jax.tree.leaves(old[OUTBOX]), jax.tree.leaves(state_b[OUTBOX]))
         ]
         assert sum(moved) > 0.9 * len(moved)
 
@@ -79,7 +79,7 @@ def test_fused_equals_per_layer_unet():
     assert_same(state_a, state_b)
 
 
-def test_fused_collectives_are_few_and_reach_only_state():
+def test_fused_collectives_are_few_and_read_only_state():
     """Traced from abstract shapes (nothing compiles): the displaced step's collectives."""
     model, params = tiny_unet("sdxl")
     x, _, cond, _ = example_inputs("sdxl", 1, (16, 16), guided=True)
@@ -87,8 +87,9 @@ def test_fused_collectives_are_few_and_reach_only_state():
     mesh = make_mesh(pc)
     state = sync_state(model, pc, mesh, params, x, T, cond, G, abstract=True)
     step = make_step(model, pc, mesh, True)
-    into_eps, found = eps_collectives(step, params, state, x, T, cond, G)
-    assert into_eps == ["all_gather", "ppermute", "ppermute"], into_eps  # conv_in halo, CFG
+    args = (params, state, x, T, cond, G)
+    assert latent_collectives(step, args, argnum=2) == ["all_gather", "ppermute", "ppermute"]
+    _, found = eps_collectives(step, *args)  # conv_in halo and the CFG meeting read x
     # conv_in's halo (2), one ppermute per direction and one all_gather (one dtype), CFG meeting.
     assert len(found) == 6, sorted(found.values())
     # The same elements as one collective per layer.

@@ -1,5 +1,7 @@
-"""In a displaced step no collective's result may be read in the step that issued it (only the
-exact conv_in halo and the CFG meeting are), so XLA can overlap every exchange with compute."""
+"""In a displaced step every layer exchange reads only the carried state (last step's local
+values), never this step's latents: each collective can start with the step and finish while the
+layers before its reader compute. Only the exact conv_in halo and the CFG meeting read the
+latents. A band perturbation leaves the other bands' eps bit-identical."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from distrifusion_jax.parallel import ParallelConfig
 from distrifusion_jax.parallel.mesh import make_mesh
 from distrifusion_jax.parallel.step import make_step
-from tests.parallel.dataflow import eps_collectives
+from tests.parallel.dataflow import eps_collectives, latent_collectives
 from tests.parallel.helpers import sync_state
 from tests.parallel.unet_fixtures import example_inputs, tiny_unet
 
@@ -17,25 +19,30 @@ ASYNC_MODES = ["corrected_async_gn", "stale_gn", "separate_gn"]
 
 @pytest.mark.parametrize("mode", ASYNC_MODES)
 @pytest.mark.parametrize("cfg_split", [False, True])
-def test_displaced_collectives_reach_only_state(toy, mode, cfg_split):
+def test_displaced_collectives_read_only_state(toy, mode, cfg_split):
     model, params, x, cond = toy
     pc = ParallelConfig(patches=4, mode=mode, cfg_split=cfg_split)
     mesh = make_mesh(pc)
     t = jnp.float32(500.0)
     state = sync_state(model, pc, mesh, params, x, t, cond, 3.0, abstract=True)
-    into_eps, found = eps_collectives(make_step(model, pc, mesh, True), params, state, x, t, cond, 3.0)
+    args = (params, state, x, t, cond, 3.0)
+    step = make_step(model, pc, mesh, True)
     # conv_in's exact one-row halo (above, below) and the CFG meeting; nothing else.
     allowed = ["ppermute", "ppermute"] + (["all_gather"] if cfg_split else [])
-    assert into_eps == sorted(allowed), into_eps
-    assert len(found) > len(allowed)  # the layers do exchange (into the state)
+    assert latent_collectives(step, args, argnum=2) == sorted(allowed)
+    _, found = eps_collectives(step, *args)
+    assert len(found) > len(allowed)  # the layers do exchange (last step's values)
 
 
 def test_sync_step_reads_its_exchanges(toy):
-    """The walk can fail: in a synchronous step the layer collectives do reach eps."""
+    """The walk can fail: in a synchronous step the layer collectives exchange this step's
+    values and reach eps."""
     model, params, x, cond = toy
     pc = ParallelConfig(patches=4)
     step = make_step(model, pc, make_mesh(pc), False)
-    into_eps, _ = eps_collectives(step, params, {}, x, jnp.float32(500.0), cond, 3.0)
+    args = (params, {}, x, jnp.float32(500.0), cond, 3.0)
+    assert len(latent_collectives(step, args, argnum=2)) > 2
+    into_eps, _ = eps_collectives(step, *args)
     assert len(into_eps) > 2
 
 
@@ -64,14 +71,16 @@ def test_band_perturbation(toy, displaced):
 
 
 @pytest.mark.parametrize("cfg_split", [False, True])
-def test_unet_displaced_collectives_reach_only_state(cfg_split):
+def test_unet_displaced_collectives_read_only_state(cfg_split):
     model, params = tiny_unet("sdxl")
     x, _, cond, _ = example_inputs("sdxl", 1, (16, 16), guided=True)
     pc = ParallelConfig(patches=4, cfg_split=cfg_split)
     mesh = make_mesh(pc)
     t = jnp.float32(500.0)
     state = sync_state(model, pc, mesh, params, x, t, cond, 3.0, abstract=True)
-    into_eps, found = eps_collectives(make_step(model, pc, mesh, True), params, state, x, t, cond, 3.0)
+    args = (params, state, x, t, cond, 3.0)
+    step = make_step(model, pc, mesh, True)
     allowed = ["ppermute", "ppermute"] + (["all_gather"] if cfg_split else [])
-    assert into_eps == sorted(allowed), into_eps
-    assert len(found) > 50  # every conv, self-attention and GroupNorm exchanges for t+1
+    assert latent_collectives(step, args, argnum=2) == sorted(allowed)
+    _, found = eps_collectives(step, *args)
+    assert len(found) > 50  # every conv, self-attention and GroupNorm exchanges

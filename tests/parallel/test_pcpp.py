@@ -11,10 +11,11 @@ import pytest
 
 from distrifusion_jax.parallel import KVExchange, ParallelConfig
 from distrifusion_jax.parallel.attention import pcpp_tokens
+from distrifusion_jax.parallel.exchange import receive
 from distrifusion_jax.parallel.mesh import make_mesh, shard
-from distrifusion_jax.parallel.state import STALE, state_bytes
+from distrifusion_jax.parallel.state import OUTBOX, STALE, carried_bytes
 from distrifusion_jax.parallel.step import make_step
-from tests.parallel.dataflow import eps_collectives
+from tests.parallel.dataflow import eps_collectives, latent_collectives
 from tests.parallel.helpers import rel_err, run_trajectory, single_device_eps, sync_state
 from tests.parallel.unet_fixtures import example_inputs, tiny_unet
 
@@ -35,8 +36,9 @@ def test_window_is_the_neighbours_nearest_tokens(n, tokens, portion):
     displaced = sync.replace(displaced=True)
 
     def body(k, v, k2, v2):
-        _, state = KVExchange(sync).apply({}, k, v, mutable=[STALE])
-        (kw, vw, mask), _ = KVExchange(displaced).apply(state, k2, v2, mutable=[STALE])
+        _, state = KVExchange(sync).apply({}, k, v, mutable=[OUTBOX])
+        stale = receive(state[OUTBOX], "patch", n)  # what the displaced step starts with
+        (kw, vw, mask), _ = KVExchange(displaced).apply({STALE: stale}, k2, v2, mutable=[OUTBOX])
         if mask is None:
             mask = jnp.ones((1, 1, 1, kw.shape[1]), bool)
         return kw, vw, mask
@@ -114,16 +116,16 @@ def test_exchange_and_state_shrink(toy):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_displaced_collectives_reach_only_state(toy, fused):
+def test_displaced_collectives_read_only_state(toy, fused):
     model, params, x, cond = toy
     pc = ParallelConfig(patches=4, pcpp=0.3, fused_exchange=fused)
     mesh = make_mesh(pc)
     state = sync_state(model, pc, mesh, params, x, T, cond, 3.0, abstract=True)
-    into_eps, found = eps_collectives(
-        make_step(model, pc, mesh, True), params, state, x, T, cond, 3.0
-    )
-    assert into_eps == ["ppermute", "ppermute"], into_eps  # conv_in's exact halo only
-    assert "all_gather" in found.values()  # GroupNorm still gathers (for step t+1)
+    args = (params, state, x, T, cond, 3.0)
+    step = make_step(model, pc, mesh, True)
+    assert latent_collectives(step, args, argnum=2) == ["ppermute", "ppermute"]  # conv_in
+    _, found = eps_collectives(step, *args)
+    assert "all_gather" in found.values()  # GroupNorm still gathers (last step's moments)
 
 
 def test_trajectory_close_fused_identical(toy):
@@ -144,10 +146,11 @@ def test_state_bytes_counts_the_window(toy):
     for p in (None, 0.25):
         pc = ParallelConfig(patches=4, pcpp=p)
         state = sync_state(model, pc, make_mesh(pc), params, x, T, cond, 3.0, abstract=True)
-        sizes[p] = state_bytes(state[STALE])
+        sizes[p] = carried_bytes(state)
     l_tok, c, b = x.shape[1] // 4 * x.shape[2], 16, 4
-    kv_full, kv_window = 2 * b * 4 * l_tok * c * 4, 2 * 2 * b * pcpp_tokens(0.25, l_tok) * c * 4
-    assert sizes[None] - sizes[0.25] == kv_full - kv_window
+    # carried: each band's own K,V (sent to all) vs its r edge tokens for each neighbour
+    kv_local, kv_window = 2 * b * l_tok * c * 4, 2 * 2 * b * pcpp_tokens(0.25, l_tok) * c * 4
+    assert sizes[None] - sizes[0.25] == kv_local - kv_window
 
 
 @pytest.mark.parametrize(

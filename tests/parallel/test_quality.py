@@ -14,6 +14,7 @@ from tests.parallel.helpers import SDXL_SCHEDULER
 from tests.parallel.unet_fixtures import example_inputs, tiny_unet
 
 STEPS = 20
+pytestmark = pytest.mark.slow  # a 20-step trajectory per configuration: minutes
 
 
 def psnr(a, ref):
