@@ -49,7 +49,7 @@ float, "exchanged_bytes": float, "analytic_elements": {layer kind: float}, "stat
 processes (`jax.distributed`, coordinator on 127.0.0.1) with 1 device each and n = 2 row bands,
 in the modes `--scaling-modes` (default: corrected_async_gn = DistriFusion, one collective per
 layer as on an accelerator; corrected_async_gn+fused = the same with a displaced step's sends
-exchanged together at its end, `ParallelConfig(fused_exchange=True)`; full_sync =
+exchanged in a few concatenated collectives, `ParallelConfig(fused_exchange=True)`; full_sync =
 synchronous patch parallelism; no_sync = the same displaced computation with no exchange after
 warm-up, the no-communication bound of the paper's Table 2; naive_patch `row` = independent
 bands, whose attention over half the tokens costs a quarter, so it is faster than any exact

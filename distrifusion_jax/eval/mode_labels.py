@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from distrifusion_jax.parallel.config import MODES
 
-FUSED = "fused"  # a displaced step's sends exchanged together at its end
+FUSED = "fused"  # last step's parked values exchanged in a few concatenated collectives
 
 
 def mode_fields(label: str) -> dict[str, str | bool]:

@@ -69,9 +69,10 @@ class ParallelConfig:
       mode: one of MODES; `naive_patch` runs the plain model on each band with no exchange.
       naive_split: `row`, `col` or `alternate` (rows on even steps, columns on odd ones).
       warmup_steps: w; steps 0..w are synchronous (w + 1 steps), later steps are displaced.
-      fused_exchange: a displaced step exchanges everything for step t+1 in a few collectives
-        at its end instead of one per layer: for hosts whose collectives block and cost a fixed
-        latency each (CPU processes); on accelerators per-layer sends overlap with compute.
+      fused_exchange: a displaced step exchanges what the previous step parked in a few
+        concatenated collectives at its start instead of one per buffer: for hosts whose
+        collectives block and cost a fixed latency each (CPU processes); on accelerators the
+        per-buffer collectives overlap with the compute before each reader.
       pcpp: PCPP portion p in [0, 1] (arXiv 2412.02962; the paper uses 0.3): in displaced steps
         self-attention on band i sees its own tokens and the nearest p of the tokens of bands
         i-1 and i+1 (stale), and only those are sent; None: DistriFusion (every band's K,V).
@@ -216,7 +217,7 @@ class PatchContext:
 
     @property
     def fused_exchange(self) -> bool:
-        """A displaced step's sends are parked and exchanged together at its end."""
+        """The previous step's parked values are exchanged in a few concatenated collectives."""
         return self.parallel.fused_exchange
 
     @property

@@ -15,26 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from distrifusion_jax.sampling import scheduler_from_config
+from distrifusion_jax.sampling.schedulers import SDXL_SCHEDULER_CONFIG
 
-# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json.
-SDXL_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler",
-    "_diffusers_version": "0.19.0.dev0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
+SDXL_CONFIG = SDXL_SCHEDULER_CONFIG  # stabilityai/stable-diffusion-xl-base-1.0
 SHAPE = (2, 4, 8, 6)  # elementwise schedulers: the layout does not matter
 
 # Our short name -> diffusers class name.
