@@ -14,7 +14,7 @@ measure against torch fp32 run on the bf16-rounded weights: the activation round
 
 Stages are cached in WORKDIR (default /tmp/parity_CONFIG): a rerun skips what is there;
 `--redo-ours` reruns our side only (after a change to the model). Full size, 2 CPU cores: about
-12 min; peak memory about 11 GB (torch stage, conversion, ours fp32: one at a time); 21 GB of
+8 min; peak memory about 11 GB (torch stage, conversion, ours fp32: one at a time); 21 GB of
 disk while the weights are kept. Exit code 1 when fp32 misses 1e-5 or our bf16 error exceeds
 torch's own bf16 error (pooled relative L2 of the output).
 """

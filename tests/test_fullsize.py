@@ -3,7 +3,7 @@ randomized weights, through the real path (save_pretrained -> `python -m ...cli.
 `load_unet`), 32x32 latent, batch 1, 4 samples (`distrifusion_jax.eval.parity`).
 
 Not in CI: deselected by `-m 'not fullsize'` in pyproject's addopts, and skipped unless the
-`-m` expression asks for `fullsize`. Run alone (about 15 min on 2 cores, peak ~11 GB RAM, 21 GB
+`-m` expression asks for `fullsize`. Run alone (about 8 min on 2 cores, peak ~11 GB RAM, 21 GB
 of disk under pytest's tmp dir):
 
     python -m pytest -n 0 -m fullsize tests/test_fullsize.py -s

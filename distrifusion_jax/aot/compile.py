@@ -170,6 +170,10 @@ def _compile(lowered, target: Target | None, options: dict[str, str] | None):
     """Compile; on a GPU target twice: the second time XLA's latency-hiding scheduler reads the
     roofline profile of the first program (`overlap.latency_profile`) instead of its built-in
     transfer estimates, and starts each exchange early enough to cover it."""
+    if target is not None and target.platform == "cuda":
+        # No device, no autotuning: Triton's default GEMM tilings fail at large shapes
+        # ("Couldn't find output tile sizes"); cuBLAS compiles every shape.
+        options = {"xla_gpu_enable_triton_gemm": False, **(options or {})}
     compiled = lowered.compile(options or {})
     if target is None or target.platform != "cuda":
         return compiled

@@ -62,6 +62,7 @@ class Instr:
     arrays: tuple[Array, ...]  # the leaves of the result shape, in order
     operands: tuple[str, ...]
     attrs: str
+    args: str = ""  # the text between the parentheses (e.g. a parameter's number)
 
     @property
     def result_bytes(self) -> float:
@@ -131,7 +132,8 @@ def parse_instr(line: str) -> Instr | None:
     close = _matching("(" + rest, 0) - 1
     operands = tuple(_NAME.findall(rest[:close]))
     arrays = tuple(Array(d, tuple(int(x) for x in s.split(",") if x)) for d, s in _ARRAY.findall(shape))
-    return Instr(m.group(1), opcode.strip(), arrays, operands, rest[close + 1 :].lstrip(", "))
+    attrs = rest[close + 1 :].lstrip(", ")
+    return Instr(m.group(1), opcode.strip(), arrays, operands, attrs, rest[:close])
 
 
 def parse_module(text: str) -> dict[str, Computation]:
@@ -257,10 +259,37 @@ def op_cost(ins: Instr, comp: Computation, comps: dict[str, Computation]) -> OpC
             return max(parts, key=lambda c: c.flops + c.bytes)
         n = trip_count(ins) if ins.opcode == "while" else 1
         return OpCost(n * sum(c.flops for c in parts), n * sum(c.bytes for c in parts))
-    operand_bytes = sum(
-        comp.by_name[o].result_bytes for o in ins.operands if o in comp.by_name
-    )
-    return OpCost(instr_flops(ins, comp, comps), operand_bytes + ins.result_bytes)
+    read = [comp.by_name[o].result_bytes if o in comp.by_name else 0.0 for o in ins.operands]
+    if ins.opcode == "fusion":
+        read = _sliced_reads(ins, comps, read)
+    if ins.opcode in ("dynamic-slice", "slice"):
+        read = [ins.result_bytes]
+    return OpCost(instr_flops(ins, comp, comps), sum(read) + ins.result_bytes)
+
+
+_SLICES = ("dynamic-slice", "slice", "gather")
+
+
+def _sliced_reads(ins: Instr, comps: dict[str, Computation], read: list[float]) -> list[float]:
+    """Operand bytes a fusion reads: an operand whose every use inside is a slice costs the
+    slices (a loop body reading one block of a large buffer), not the whole buffer."""
+    fused = next((comps[c] for c in called(ins) if c in comps), None)
+    if fused is None:
+        return read
+    params = {}
+    for i in fused.instrs:
+        if i.opcode == "parameter":
+            params[i.name] = int(i.args) if i.args.strip().isdigit() else None
+    users: dict[str, list[Instr]] = {}
+    for i in fused.instrs:
+        for o in i.operands:
+            users.setdefault(o, []).append(i)
+    out = list(read)
+    for name, k in params.items():
+        uses = users.get(name, [])
+        if k is not None and k < len(out) and uses and all(u.opcode in _SLICES for u in uses):
+            out[k] = min(out[k], sum(u.result_bytes for u in uses))
+    return out
 
 
 def computation_cost(comp: Computation, comps: dict[str, Computation]) -> OpCost:

@@ -1,7 +1,8 @@
 """PatchGroupNorm: GroupNorm whose statistics span all row bands.
 
-Each band computes, per (batch, group), in fp32 and in two passes, its mean and its centred
-second moment (biased variance): `s_i = [m_i, v_i]`, `m_i = E_i x`, `v_i = E_i (x - m_i)^2`.
+Each band computes, per (batch, group), in fp32 and in two passes (the second also corrects the
+first's rounding, see `group_moments`), its mean and its centred second moment (biased
+variance): `s_i = [m_i, v_i]`, `m_i = E_i x`, `v_i = E_i (x - m_i)^2`.
 Bands are equal-sized, so the whole image's statistics follow exactly from the bands' by the
 parallel-variance (Chan et al.) formula, with no `E x^2 - (E x)^2` that would cancel where a
 group's mean is large against its spread:
@@ -37,12 +38,19 @@ Dtype = Any
 
 
 def group_moments(x: jax.Array, num_groups: int) -> jax.Array:
-    """Per-(batch, group) mean and biased variance, two-pass, fp32: `[B, H, W, C] -> [2, B, G]`."""
+    """Per-(batch, group) mean and biased variance in fp32: `[B, H, W, C] -> [2, B, G]`.
+
+    Corrected two-pass: the first mean `m` carries the sum's rounding (relative to the mean,
+    not the spread); the deviations' mean `d` recovers it, so mean = m + d and
+    var = E (x - m)^2 - d^2 are accurate to the input's own rounding, as torch's.
+    """
     b, h, w, c = x.shape
     xg = x.astype(jnp.float32).reshape(b, h * w, num_groups, c // num_groups)
-    mean = jnp.mean(xg, axis=(1, 3))  # [B, G]
-    var = jnp.mean(jnp.square(xg - mean[:, None, :, None]), axis=(1, 3))
-    return jnp.stack([mean, var])
+    m = jnp.mean(xg, axis=(1, 3), keepdims=True)  # [B, 1, G, 1]
+    dev = xg - m
+    d = jnp.mean(dev, axis=(1, 3))  # [B, G]
+    var = jnp.mean(jnp.square(dev), axis=(1, 3)) - jnp.square(d)
+    return jnp.stack([m[:, 0, :, 0] + d, var])
 
 
 def combine(moments: jax.Array) -> jax.Array:
