@@ -41,6 +41,7 @@ def test_model_mode_rows(tiny_sdxl, capsys):
     assert "HLO k el" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_script_writes_json(tmp_path):
     """The command line: flags, JSON schema and table (one n, so it stays quick)."""
     out = tmp_path / "bench.json"

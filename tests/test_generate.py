@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "3", "--warmup-steps", "1"]
 
 
+@pytest.mark.slow
 def test_writes_png_with_metadata(tiny_sdxl, tmp_path, capsys):
     out = tmp_path / "img.png"
     rc = generate.main(

@@ -83,6 +83,7 @@ def test_image_equals_diffusers_pipeline(torch_pipe, pipes, scheduler):
     assert diff.max() <= 1.0, diff.max()  # uint8 rounding only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(patches=8), dict(patches=4, cfg_split=True)], ids=str)
 def test_full_sync_image_equals_single_device(pipes, single, kw):
     img = pipes(mode="full_sync", **kw)(PROMPT, num_inference_steps=STEPS, seed=1)[0]

@@ -69,6 +69,7 @@ def test_fused_equals_per_layer_toy(toy, n, mode, cfg_split):
         assert sum(moved) > 0.9 * len(moved)
 
 
+@pytest.mark.slow
 def test_fused_equals_per_layer_unet():
     """The tiny SDXL UNet (every layer kind at three levels), CFG split, batch 2, non-square."""
     model, params = tiny_unet("sdxl")

@@ -81,6 +81,7 @@ def test_full_portion_on_two_bands_is_exact(toy):
     assert errs[4] > 1e-3, errs
 
 
+@pytest.mark.slow
 def test_tiny_unet_full_portion_is_exact():
     """The same on the tiny SDXL UNet: every transformer's attn1 takes the window and its mask."""
     model, params = tiny_unet("sdxl")

@@ -21,9 +21,9 @@ CASES = [
     ("sdxl", 2, False, 1, (16, 16)),
     ("sdxl", 4, True, 2, (16, 24)),
     ("sdxl", 8, False, 2, (32, 16)),
-    ("sd15", 2, True, 1, (16, 16)),
-    ("sd15", 4, False, 2, (32, 24)),
-    ("sd15", 8, False, 1, (64, 8)),
+    pytest.param("sd15", 2, True, 1, (16, 16), marks=pytest.mark.slow),
+    pytest.param("sd15", 4, False, 2, (32, 24), marks=pytest.mark.slow),
+    pytest.param("sd15", 8, False, 1, (64, 8), marks=pytest.mark.slow),
 ]
 
 
@@ -40,7 +40,7 @@ def test_full_sync_step_equals_single_device(kind, n, cfg_split, batch, hw):
     assert rel_err(eps, single_device(model, params, x, cond)) <= 1e-5
 
 
-@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+@pytest.mark.parametrize("kind", ["sdxl", pytest.param("sd15", marks=pytest.mark.slow)])
 def test_displaced_step_with_fresh_state_equals_single_device(kind):
     model, params = tiny_unet(kind)
     hw = (32, 16)
@@ -55,6 +55,7 @@ def test_displaced_step_with_fresh_state_equals_single_device(kind):
     assert {"above", "below", "k", "v", "moments"} <= names
 
 
+@pytest.mark.slow
 def test_displaced_step_differs_when_state_is_stale():
     """The test above can fail: with state from another input, the output moves."""
     model, params = tiny_unet("sdxl")
