@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from distrifusion_jax.aot import hlo
 from distrifusion_jax.aot.overlap import Target, latency_profile
+from distrifusion_jax.io.components import COMPONENTS
 from distrifusion_jax.models import UNet2DConditionModel
 from distrifusion_jax.models.unet_config import UNetConfig
 from distrifusion_jax.parallel import ParallelConfig
@@ -52,19 +53,7 @@ def target_devices(target: Target) -> list:
 def abstract_unet(config: UNetConfig, dtype=jnp.bfloat16) -> tuple[UNet2DConditionModel, Any]:
     """The UNet module and its parameter shapes (`jax.eval_shape`: no memory)."""
     model = UNet2DConditionModel(config, dtype=dtype, param_dtype=dtype)
-    added = None
-    if config.addition_embed_type == "text_time":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        added = {"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, 6))}
-    params = jax.eval_shape(
-        model.init,
-        jax.random.PRNGKey(0),
-        jnp.zeros((1, 8, 8, config.in_channels)),
-        jnp.zeros((1,)),
-        jnp.zeros((1, TEXT_TOKENS, config.cross_attention_dims[0])),
-        added,
-    )["params"]
-    return model, params
+    return model, COMPONENTS["unet"].target(model)
 
 
 def _placed(tree, mesh, spec):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from distrifusion_jax.eval.mode_labels import mode_fields
+from distrifusion_jax.io.components import COMPONENTS
 from distrifusion_jax.models import UNet2DConditionModel, sdxl_base
 from distrifusion_jax.parallel import ParallelConfig
 from distrifusion_jax.parallel.cost import step_cost
@@ -62,14 +63,7 @@ def sdxl_rows(
     """
     model = UNet2DConditionModel(sdxl_base(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     f32 = jnp.float32
-    params = jax.eval_shape(
-        model.init,
-        jax.random.PRNGKey(0),
-        jnp.zeros((1, 8, 8, 4)),
-        jnp.zeros((1,)),
-        jnp.zeros((1, 77, 2048)),
-        {"text_embeds": jnp.zeros((1, 1280)), "time_ids": jnp.zeros((1, 6))},
-    )["params"]
+    params = COMPONENTS["unet"].target(model)  # shapes only
     link = link_gbps * 1e9
     rows = []
     for res in resolutions:

@@ -51,10 +51,8 @@ class KVExchange(nn.Module):
             if ctx.pcpp is None:
                 store(self, ctx, local={"k": k, "v": v}, received={"k": k_full, "v": v_full})
             else:  # the neighbours' edge rows for the displaced steps
-                l, r = k.shape[1], pcpp_tokens(ctx.pcpp, k.shape[1])
-                kv = jnp.stack([k, v])  # [2, B, l, C]
-                local = {"above": kv[:, :, l - r :], "below": kv[:, :, :r]}
-                store(self, ctx, local, _neighbour_rows(k_full, v_full, l, ctx))
+                local = _edge_rows(k, v, pcpp_tokens(ctx.pcpp, k.shape[1]))
+                store(self, ctx, local, _neighbour_rows(k_full, v_full, k.shape[1], ctx))
             return k_full, v_full, None
         if ctx.pcpp is not None:
             return self._partial(k, v, ctx)
@@ -74,14 +72,20 @@ class KVExchange(nn.Module):
             return k, v, None
         above = self.get_variable(STALE, "above").astype(k.dtype)  # [2, B, r, C] from band i-1
         below = self.get_variable(STALE, "below").astype(k.dtype)  # [2, B, r, C] from band i+1
-        kv = jnp.stack([k, v])  # [2, B, l, C]
-        send(self, ctx, above=kv[:, :, l - r :], below=kv[:, :, :r])  # for step t+1
+        send(self, ctx, **_edge_rows(k, v, r))  # for step t+1
         i = jax.lax.axis_index(ctx.axis)
         edge = jnp.ones((r,), bool)
         mask = jnp.concatenate([edge & (i > 0), jnp.ones((l,), bool), edge & (i < ctx.n - 1)])
         k_win = jnp.concatenate([above[0], k, below[0]], axis=1)
         v_win = jnp.concatenate([above[1], v, below[1]], axis=1)
         return k_win, v_win, mask[None, None, None, :]
+
+
+def _edge_rows(k: jax.Array, v: jax.Array, r: int) -> dict[str, jax.Array]:
+    """What this band sends its neighbours under PCPP: its last r tokens of K,V (read by band
+    i+1 as "above") and its first r (read by band i-1 as "below"), stacked `[2, B, r, C]`."""
+    kv = jnp.stack([k, v])  # [2, B, l, C]
+    return {"above": kv[:, :, kv.shape[2] - r :], "below": kv[:, :, :r]}
 
 
 def _neighbour_rows(k_full, v_full, l: int, ctx: PatchContext) -> dict[str, jax.Array]:
