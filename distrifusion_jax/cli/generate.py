@@ -7,7 +7,11 @@
 (`python scripts/generate.py` in a checkout is the same command.)
 
 Multi-node: run the same command on every host with
-`--coordinator HOST:PORT --num-processes N --process-id I`; process 0 writes the image.
+`--coordinator HOST:PORT --num-processes N --process-id I`; process 0 writes the image. Each
+process then supervises a worker (`cli/supervise.py`): a process that never joins, an unreachable
+coordinator, or a peer that dies mid-run ends every survivor within about `--init-timeout` or
+`--heartbeat-timeout` seconds with one line on stderr naming the missing process, exit 1, and
+JAX's logs in `--log-file`.
 Prints compile time and steady per-step time; writes PNGs with the settings in text chunks.
 Bad inputs are one line on stderr and exit 2, and no file is written.
 """
@@ -22,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 # JAX-free imports only: `--cpu-devices` sets XLA_FLAGS before JAX is first imported (in run).
+from distrifusion_jax.cli import supervise
 from distrifusion_jax.parallel.config import DEFAULT_MODE, MODES, NAIVE_SPLITS
 from distrifusion_jax.tiny import MODEL_DIR as DEFAULT_MODEL  # the shipped model
 
@@ -71,7 +76,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
+    p.add_argument(
+        "--init-timeout",
+        type=int,
+        default=supervise.DEFAULT_INIT_TIMEOUT_S,
+        help="seconds every process has to join the coordinator (multi-host)",
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=supervise.DEFAULT_HEARTBEAT_TIMEOUT_S,
+        help="seconds of silence after which a process counts as dead (multi-host)",
+    )
+    p.add_argument(
+        "--log-file",
+        default=None,
+        help="multi-host: the worker's JAX/XLA log (default: a temporary file, kept on failure)",
+    )
     return p.parse_args(argv)
+
+
+def peer_of(args: argparse.Namespace) -> supervise.Peer:
+    """This process's place in a multi-host run (`--coordinator` given)."""
+    if not 0 <= args.process_id < args.num_processes:
+        raise ValueError(
+            f"--process-id {args.process_id} is outside 0..{args.num_processes - 1}; give each "
+            f"process a distinct --process-id below --num-processes"
+        )
+    if args.init_timeout < 1 or args.heartbeat_timeout < 1:
+        raise ValueError("--init-timeout and --heartbeat-timeout must be at least 1 second")
+    return supervise.Peer(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        args.init_timeout,
+        args.heartbeat_timeout,
+    )
 
 
 def output_paths(args: argparse.Namespace) -> list[Path]:
@@ -131,7 +171,15 @@ def run(args: argparse.Namespace) -> int:
     if args.coordinator:
         from distrifusion_jax.parallel.mesh import initialize_distributed
 
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        peer = peer_of(args)
+        initialize_distributed(
+            peer.coordinator,
+            peer.num_processes,
+            peer.process_id,
+            init_timeout=peer.init_timeout,
+            heartbeat_timeout=peer.heartbeat_timeout,
+        )
+        supervise.report("joined")
     import jax.numpy as jnp
     from tqdm import tqdm
 
@@ -161,7 +209,15 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         scheduler=args.scheduler,
         num_images=args.num_images,
-        progress=(lambda it: tqdm(it, desc="denoise", disable=not lead)),
+        # a supervised worker's stderr is its log file: progress goes to stdout
+        progress=(
+            lambda it: tqdm(
+                it,
+                desc="denoise",
+                disable=not lead,
+                file=sys.stdout if supervise.is_worker() else None,
+            )
+        ),
     )
     t = pipe.timings  # per-step times: the tqdm driver records them
     compile_s, steady_s = t.compile_seconds(), t.steady_step()
@@ -186,17 +242,48 @@ def run(args: argparse.Namespace) -> int:
             f"steady {steady_s * 1e3:.1f} ms/step, denoise {t.denoise:.2f} s, "
             f"encode {t.encode:.2f} s, decode {t.decode:.2f} s"
         )
+    supervise.report("done")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `distrifusion-generate` command; returns the exit code (2: bad input)."""
+    """The `distrifusion-generate` command; returns the exit code (2: bad input, 1: a multi-host
+    run failed)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if supervise.is_worker():
+        return _worker(args)
     try:
+        if args.coordinator:
+            peer = peer_of(args)
+            check_inputs(args, output_paths(args))
+            log = Path(args.log_file) if args.log_file else supervise.default_log_path(peer)
+            return supervise.supervise(argv, peer, log, keep_log=args.log_file is not None)
         return run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """A supervised multi-host worker: any failure is reported to the supervisor (traceback to
+    the log) and ends the process at once (see `supervise.exit_worker`)."""
+    supervise.die_with_supervisor()
+    try:
+        return run(args)
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        peer_failure = supervise.looks_like_peer_failure(e)
+        bad_input = isinstance(e, (ValueError, FileNotFoundError, FileExistsError))
+        code = 2 if bad_input and not peer_failure else 1
+        supervise.exit_worker(code, _first_line(e), peer_failure=peer_failure, peer=peer_of(args))
+        raise  # not reached: exit_worker ends the process
 
 
 if __name__ == "__main__":

@@ -81,13 +81,25 @@ def exchange_compiler_options(mesh: Mesh) -> dict[str, str]:
     return {}
 
 
-def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+def initialize_distributed(
+    coordinator: str,
+    num_processes: int,
+    process_id: int,
+    *,
+    init_timeout: int = 300,
+    heartbeat_timeout: int = 100,
+) -> None:
     """Join a multi-process run (`jax.distributed`); call before any other JAX use.
+
+    JAX aborts the process (from C++) when the join or a heartbeat times out; `cli/supervise.py`
+    turns that into a clean exit for the command line.
 
     Args:
       coordinator: `HOST:PORT` of process 0.
       num_processes: processes in the run.
       process_id: this process's index, 0 .. num_processes - 1.
+      init_timeout: seconds to wait for every process to join.
+      heartbeat_timeout: seconds without a heartbeat after which a process counts as dead.
     """
     if not 0 <= process_id < num_processes:
         raise ValueError(
@@ -95,7 +107,11 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
             f"distinct --process-id below --num-processes."
         )
     jax.distributed.initialize(
-        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=init_timeout,
+        heartbeat_timeout_seconds=heartbeat_timeout,
     )
 
 
