@@ -26,7 +26,7 @@ from distrifusion_jax.io.checkpoint import load_component
 from distrifusion_jax.parallel.config import ParallelConfig
 from distrifusion_jax.parallel.mesh import make_mesh, to_global, to_host
 from distrifusion_jax.parallel.step import cond_spec, latent_spec, make_decode
-from distrifusion_jax.prompt import TextEncoder, encode_prompts
+from distrifusion_jax.prompt import TextEncoder, encode_prompts, load_clip_tokenizer
 from distrifusion_jax.sampling import scheduler_from_config
 from distrifusion_jax.sampling.sample import (
     StepTime,
@@ -35,12 +35,6 @@ from distrifusion_jax.sampling.sample import (
     make_stepper,
     steady_step,
 )
-
-
-def _load_tokenizer(folder: Path):
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 @dataclasses.dataclass
@@ -115,7 +109,7 @@ class DistriSDXLPipeline:
         for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
             if (root / enc).is_dir():
                 module, params = load_component(root, enc, dtype, **load_kw)
-                encoders.append(TextEncoder(_load_tokenizer(root / tok), module, params))
+                encoders.append(TextEncoder(load_clip_tokenizer(root / tok), module, params))
         sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         index_path = root / "model_index.json"
         index = json.loads(index_path.read_text()) if index_path.is_file() else {}
@@ -172,16 +166,39 @@ class DistriSDXLPipeline:
         `noise` `[B, h, w, C]` (unit Gaussian) replaces the seeded initial latents.
         """
         latents = self.generate_latents(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, seed,
-            scheduler, num_images, original_size, crops_coords_top_left, target_size, progress,
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            seed,
+            scheduler,
+            num_images,
+            original_size,
+            crops_coords_top_left,
+            target_size,
+            progress,
             noise,
         )
         return self.decode(latents)
 
     def generate_latents(
-        self, prompt, negative_prompt=None, height=None, width=None, num_inference_steps=50,
-        guidance_scale=5.0, seed=0, scheduler=None, num_images=1, original_size=None,
-        crops_coords_top_left=(0, 0), target_size=None, progress=None, noise=None,
+        self,
+        prompt,
+        negative_prompt=None,
+        height=None,
+        width=None,
+        num_inference_steps=50,
+        guidance_scale=5.0,
+        seed=0,
+        scheduler=None,
+        num_images=1,
+        original_size=None,
+        crops_coords_top_left=(0, 0),
+        target_size=None,
+        progress=None,
+        noise=None,
     ) -> jax.Array:
         """Like `__call__` but returns the final latents `[B, h, w, C]` (a global array)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -215,10 +232,18 @@ class DistriSDXLPipeline:
         t0 = time.perf_counter()
         time_ids = None
         if self.is_sdxl:
-            time_ids = [*(original_size or (height, width)), *crops_coords_top_left,
-                        *(target_size or (height, width))]
+            time_ids = [
+                *(original_size or (height, width)),
+                *crops_coords_top_left,
+                *(target_size or (height, width)),
+            ]
         cond = encode_prompts(
-            self.encoders, prompts, negs, guided, self.is_sdxl, time_ids,
+            self.encoders,
+            prompts,
+            negs,
+            guided,
+            self.is_sdxl,
+            time_ids,
             self.force_zeros_for_empty_prompt,
         )
         cond = to_global(jax.device_get(cond), self.mesh, cond_spec(pc))
@@ -244,7 +269,12 @@ class DistriSDXLPipeline:
             latents = driver(self.unet_params, noise, cond, guidance_scale, step_key)
         else:
             latents = driver.run(
-                self.unet_params, noise, cond, guidance_scale, step_key, progress,
+                self.unet_params,
+                noise,
+                cond,
+                guidance_scale,
+                step_key,
+                progress,
                 times=self.timings.step_times,
             )
         latents.block_until_ready()

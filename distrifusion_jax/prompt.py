@@ -9,8 +9,12 @@ SD 1.x/2.x: the single encoder's last hidden state, no added conditioning.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -18,6 +22,28 @@ import jax.numpy as jnp
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+def load_clip_tokenizer(folder: str | os.PathLike) -> Any:
+    """`transformers.CLIPTokenizer` from a local folder (no network).
+
+    transformers is imported with its advisory warnings off: without PyTorch it would print
+    "PyTorch was not found. Models won't be available..." on import, and we only use its
+    tokenizer.
+    """
+    if "transformers" not in sys.modules:
+        previous = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+        try:
+            import transformers  # noqa: F401
+        finally:
+            if previous is None:
+                del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+            else:
+                os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = previous
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(Path(folder)), local_files_only=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +74,28 @@ class TextEncoder:
     def __call__(self, ids: jax.Array):
         return self.module.apply({"params": self.params}, ids)
 
+    @functools.cached_property
+    def features(self):
+        """Jitted `(params, ids [B, 77], penultimate) -> (hidden [B, 77, D], pooled [B, P] or
+        None)`: the penultimate (SDXL) or last hidden state and the pooled projection. One
+        compile per batch size, reused across calls (and across runs by the compile cache)."""
 
-def _encode(encoders: Sequence[TextEncoder], ids: Sequence[jax.Array], sdxl: bool):
-    """(hidden `[B, 77, D]`, pooled `[B, P]` or None) for token ids of every encoder."""
+        def run(params, ids, penultimate):
+            out = self.module.apply({"params": params}, ids)
+            hidden = out.hidden_states[-2] if penultimate else out.last_hidden_state
+            return hidden, out.text_embeds
+
+        return jax.jit(run, static_argnums=2)
+
+
+def _encode(encoders: Sequence[TextEncoder], prompts: Sequence[str], sdxl: bool):
+    """(hidden `[B, 77, D]`, pooled `[B, P]` or None) of the prompts, every encoder."""
     hidden, pooled = [], None
-    for enc, i in zip(encoders, ids):
-        out = enc(i)
-        hidden.append(out.hidden_states[-2] if sdxl else out.last_hidden_state)
-        if out.text_embeds is not None:
-            pooled = out.text_embeds
+    for enc in encoders:
+        h, p = enc.features(enc.params, jnp.asarray(enc.tokenize(prompts)), sdxl)
+        hidden.append(h)
+        if p is not None:
+            pooled = p
     return jnp.concatenate(hidden, axis=-1), pooled
 
 
@@ -81,14 +120,14 @@ def encode_prompts(
       time_ids: 6 numbers (original H, W, crop top, left, target H, W); SDXL only.
     """
     b = len(prompts)
-    cond_h, cond_p = _encode(encoders, [jnp.asarray(e.tokenize(prompts)) for e in encoders], sdxl)
+    cond_h, cond_p = _encode(encoders, prompts, sdxl)
     hs, pools = [cond_h], [cond_p]
     if guided:
         if negative_prompts is None and sdxl and force_zeros_for_empty_prompt:
             neg_h, neg_p = jnp.zeros_like(cond_h), jnp.zeros_like(cond_p)
         else:
             negs = list(negative_prompts) if negative_prompts is not None else [""] * b
-            neg_h, neg_p = _encode(encoders, [jnp.asarray(e.tokenize(negs)) for e in encoders], sdxl)
+            neg_h, neg_p = _encode(encoders, negs, sdxl)
         hs, pools = [neg_h, cond_h], [neg_p, cond_p]
     out = {"encoder_hidden_states": jnp.stack(hs).astype(jnp.float32)}
     if sdxl:

@@ -1,12 +1,23 @@
 """Test configuration: 8 fake CPU devices, set before JAX is imported anywhere."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# generate.py's compile cache goes to a fresh folder, not the user's ~/.cache (which keeps what
+# tests download once, e.g. tests/aot's compiler plugin)
+os.environ.setdefault(
+    "DISTRIFUSION_TEST_USER_CACHE",
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+)
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="distrifusion-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 import jax
 

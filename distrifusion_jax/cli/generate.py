@@ -6,6 +6,10 @@
 
 (`python scripts/generate.py` in a checkout is the same command.)
 
+Compiled programs are cached in ~/.cache/distrifusion-jax/xla (`--compile-cache DIR`,
+`--no-compile-cache`), so a repeated command compiles nothing; `--prompts-file FILE` draws every
+line of FILE (optionally `PROMPT<TAB>SEED`) with one set of compiled programs, one PNG per line.
+
 Multi-node: run the same command on every host with
 `--coordinator HOST:PORT --num-processes N --process-id I`; process 0 writes the image. Each
 process then supervises a worker (`cli/supervise.py`): a process that never joins, an unreachable
@@ -27,6 +31,7 @@ from pathlib import Path
 
 # JAX-free imports only: `--cpu-devices` sets XLA_FLAGS before JAX is first imported (in run).
 from distrifusion_jax.cli import supervise
+from distrifusion_jax.cli.jobs import Job, make_jobs
 from distrifusion_jax.parallel.config import DEFAULT_MODE, MODES, NAIVE_SPLITS
 from distrifusion_jax.tiny import MODEL_DIR as DEFAULT_MODEL  # the shipped model
 
@@ -37,6 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="diffusers or converted folder")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument(
+        "--prompts-file",
+        type=Path,
+        default=None,
+        help="one prompt per line (optionally PROMPT<TAB>SEED); compiles once, one PNG each",
+    )
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's)")
@@ -73,6 +84,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", default="out.png", help="PNG path; with several images -N is added")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--cpu-devices", type=int, default=None, help="fake CPU devices (testing)")
+    p.add_argument(
+        "--compile-cache",
+        type=Path,
+        default=None,
+        help="folder of compiled programs reused across runs (default: "
+        "~/.cache/distrifusion-jax/xla)",
+    )
+    p.add_argument(
+        "--no-compile-cache", action="store_true", help="compile everything anew each run"
+    )
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
@@ -114,17 +135,16 @@ def peer_of(args: argparse.Namespace) -> supervise.Peer:
     )
 
 
-def output_paths(args: argparse.Namespace) -> list[Path]:
-    out = Path(args.output)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--output {out} must end in .png")
-    if args.num_images == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(args.num_images)]
+def jobs_of(args: argparse.Namespace) -> list[Job]:
+    """The prompts to draw, each with its seed and PNG paths (see `cli/jobs.py`)."""
+    if args.num_images < 1:
+        raise ValueError("--num-images must be at least 1")
+    return make_jobs(args.prompt, args.seed, Path(args.output), args.num_images, args.prompts_file)
 
 
-def check_inputs(args: argparse.Namespace, paths: list[Path]) -> None:
+def check_inputs(args: argparse.Namespace, jobs: list[Job]) -> None:
     """Fail before any heavy work: bad paths, overwrites, impossible numbers."""
+    paths = [p for job in jobs for p in job.paths]
     if not Path(args.model).is_dir():
         raise FileNotFoundError(
             f"model folder {args.model} does not exist; pass --model with a diffusers or "
@@ -136,8 +156,8 @@ def check_inputs(args: argparse.Namespace, paths: list[Path]) -> None:
     for p in paths:
         if not p.parent.is_dir():
             raise FileNotFoundError(f"output folder {p.parent} does not exist; create it first")
-    if args.steps < 1 or args.num_images < 1:
-        raise ValueError("--steps and --num-images must be at least 1")
+    if args.steps < 1:
+        raise ValueError("--steps must be at least 1")
 
 
 def save_png(image, path: Path, meta: dict) -> None:
@@ -159,8 +179,8 @@ def save_png(image, path: Path, meta: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check inputs, set up devices, generate, and (process 0) write the PNGs; returns 0."""
-    paths = output_paths(args)
-    check_inputs(args, paths)
+    jobs = jobs_of(args)
+    check_inputs(args, jobs)
     if args.cpu_devices:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "")
@@ -168,6 +188,10 @@ def run(args: argparse.Namespace) -> int:
         )
     import jax
 
+    if not args.no_compile_cache:
+        from distrifusion_jax.compile_cache import enable_compile_cache
+
+        enable_compile_cache(args.compile_cache)
     if args.coordinator:
         from distrifusion_jax.parallel.mesh import initialize_distributed
 
@@ -199,48 +223,49 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
     pipe = DistriSDXLPipeline.from_pretrained(args.model, parallel=parallel, dtype=dtype)
     lead = jax.process_index() == 0
-    images = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        seed=args.seed,
-        scheduler=args.scheduler,
-        num_images=args.num_images,
-        # a supervised worker's stderr is its log file: progress goes to stdout
-        progress=(
-            lambda it: tqdm(
-                it,
-                desc="denoise",
-                disable=not lead,
-                file=sys.stdout if supervise.is_worker() else None,
+    meta = {
+        "negative_prompt": args.negative_prompt or "",
+        "model": str(args.model),
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "scheduler": args.scheduler or pipe.scheduler_config.get("_class_name", ""),
+        "parallel": {**vars(parallel), "devices": jax.device_count()},
+        "dtype": args.dtype,
+    }
+    for job in jobs:
+        images = pipe(
+            job.prompt,
+            negative_prompt=args.negative_prompt,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=job.seed,
+            scheduler=args.scheduler,
+            num_images=args.num_images,
+            # a supervised worker's stderr is its log file: progress goes to stdout
+            progress=(
+                lambda it: tqdm(
+                    it,
+                    desc="denoise",
+                    disable=not lead,
+                    file=sys.stdout if supervise.is_worker() else None,
+                )
+            ),
+        )
+        if not lead:
+            continue
+        for i, (image, path) in enumerate(zip(images, job.paths)):
+            save_png(
+                image, path, {"prompt": job.prompt, "seed": job.seed, **meta, "image_index": i}
             )
-        ),
-    )
-    t = pipe.timings  # per-step times: the tqdm driver records them
-    compile_s, steady_s = t.compile_seconds(), t.steady_step()
-    if lead:
-        meta = {
-            "prompt": args.prompt,
-            "negative_prompt": args.negative_prompt or "",
-            "seed": args.seed,
-            "model": str(args.model),
-            "steps": args.steps,
-            "guidance": args.guidance,
-            "scheduler": args.scheduler or pipe.scheduler_config.get("_class_name", ""),
-            "parallel": {**vars(parallel), "devices": jax.device_count()},
-            "dtype": args.dtype,
-        }
-        for i, (image, path) in enumerate(zip(images, paths)):
-            save_png(image, path, {**meta, "image_index": i})
             print(f"wrote {path} ({image.width}x{image.height})")
+        t = pipe.timings  # per-step times: the tqdm driver records them
         print(
             f"devices {jax.device_count()} ({parallel.data} data x {parallel.cfg} cfg x "
-            f"{parallel.patches} patch), mode {parallel.mode}: compile ~{compile_s:.2f} s, "
-            f"steady {steady_s * 1e3:.1f} ms/step, denoise {t.denoise:.2f} s, "
-            f"encode {t.encode:.2f} s, decode {t.decode:.2f} s"
+            f"{parallel.patches} patch), mode {parallel.mode}: compile "
+            f"~{t.compile_seconds():.2f} s, steady {t.steady_step() * 1e3:.1f} ms/step, "
+            f"denoise {t.denoise:.2f} s, encode {t.encode:.2f} s, decode {t.decode:.2f} s"
         )
     supervise.report("done")
     return 0
@@ -256,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.coordinator:
             peer = peer_of(args)
-            check_inputs(args, output_paths(args))
+            check_inputs(args, jobs_of(args))
             log = Path(args.log_file) if args.log_file else supervise.default_log_path(peer)
             return supervise.supervise(argv, peer, log, keep_log=args.log_file is not None)
         return run(args)

@@ -266,10 +266,13 @@ def make_stepper(
         # The carry is donated: stale buffers are updated in place, not copied every step.
         return jit(f, (P(), STATE_SPEC, P(), cspec, P(), P()), STATE_SPEC, donate=(1,))
 
+    sync = later(False)
     return Stepper(
         first=jit(first, (P(), loop.latent_spec, cspec, P(), P()), STATE_SPEC),
-        sync=later(False),
-        displaced=later(True),
+        sync=sync,
+        # One band, or the naive baseline: a displaced step is the synchronous one; one program
+        # (one compile) serves both.
+        displaced=sync if parallel.context(True) is None else later(True),
         finish=jit(lambda carry: drop(carry)[0], (STATE_SPEC,), loop.latent_spec),
         check=lambda shape, cond: _checks(loop, shape, cond),
         num_steps=num_inference_steps,

@@ -50,12 +50,9 @@ def log(msg: str) -> None:
 
 def load_tokenizers(model_dir: Path) -> tuple[Any, Any]:
     """The two CLIP tokenizers in `model_dir/tokenizer{,_2}` (no network)."""
-    from transformers import CLIPTokenizer
+    from distrifusion_jax.prompt import load_clip_tokenizer
 
-    return tuple(
-        CLIPTokenizer.from_pretrained(model_dir / n, local_files_only=True)
-        for n in ("tokenizer", "tokenizer_2")
-    )
+    return tuple(load_clip_tokenizer(model_dir / n) for n in ("tokenizer", "tokenizer_2"))
 
 
 def _vae_phase(x: np.ndarray, opts: TrainOptions):

@@ -24,7 +24,7 @@ SMALL = ["--resolutions", "512", "--layers", "1,1,1", "--targets", "h200x8", "--
 @pytest.fixture(scope="module")
 def cuda_plugin() -> Path:
     """A folder holding the jax CUDA compiler plugin matching the installed jax (cached)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    cache = Path(os.environ["DISTRIFUSION_TEST_USER_CACHE"])  # set by tests/conftest.py
     folder = cache / "distrifusion-jax" / f"jax-cuda12-{jax.__version__}"
     if not (folder / "jax_plugins").is_dir():
         pins = [f"{p}=={jax.__version__}" for p in PLUGINS]

@@ -146,7 +146,11 @@ def compare(
         np.testing.assert_allclose(ts, ts_ref, rtol=1e-6)
     if tab_ref["sigmas"] is not None and tab["sigmas"] is not None:
         sigmas, sigmas_ref = np.asarray(tab["sigmas"]), tab_ref["sigmas"].numpy()
-        np.testing.assert_allclose(sigmas, sigmas_ref, rtol=2.5e-7)
+        # Zero-terminal-SNR rescaling subtracts the last sqrt(abar) and rescales, which turns
+        # those last-bit differences into ~2e-6 relative near the end of the schedule (seen
+        # on an AMD EPYC host; torch's vectorized sqrt differs between CPUs).
+        sig_rtol = 4e-6 if cfg.get("rescale_betas_zero_snr") else 2.5e-7
+        np.testing.assert_allclose(sigmas, sigmas_ref, rtol=sig_rtol)
     np.testing.assert_allclose(s0, s0_ref, rtol=1e-7)
     assert np.all(np.isfinite(x_ref)), "reference diverged: pick another config"
     err = rel_err(x, x_ref)
