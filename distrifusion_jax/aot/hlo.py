@@ -297,10 +297,33 @@ def computation_cost(comp: Computation, comps: dict[str, Computation]) -> OpCost
     return OpCost(sum(c.flops for c in costs), sum(c.bytes for c in costs))
 
 
-def iter_async_collectives(comp: Computation) -> Iterator[tuple[int, int, Instr]]:
+def _tpu_async_collective(ins: Instr, comps: dict[str, Computation], target: str) -> Instr | None:
+    """The collective inside a TPU async collective fusion (libtpu's `async-collective-start` /
+    `-done`: a fusion whose computation ends in a custom-call to `AsyncCollectiveStart` /
+    `AsyncCollectiveDone`), or None for any other instruction."""
+    if ins.opcode != "fusion":
+        return None
+    for name in called(ins):
+        inner = comps.get(name)
+        if inner and any(f'custom_call_target="{target}"' in i.attrs for i in inner.instrs):
+            return next((i for i in inner.instrs if i.opcode in COLLECTIVES), None)
+    return None
+
+
+def iter_async_collectives(
+    comp: Computation, comps: dict[str, Computation] | None = None
+) -> Iterator[tuple[int, int, Instr]]:
     """(start position, done position, start instruction) of each async collective pair; a
-    synchronous collective is its own start and done."""
+    synchronous collective is its own start and done.
+
+    GPU (and TPU collective-permutes): `*-start` / `*-done` instructions. TPU all-gathers with
+    `xla_tpu_enable_async_collective_fusion`: a start fusion and a done fusion (`comps` needed to
+    see inside them), paired by libtpu's names (`async-collective-start.N` ends at
+    `async-collective-done.N`); the collective inside the start fusion is yielded, and the
+    fusions between them that carry the transfer's later steps count as compute.
+    """
     where = {ins.name: i for i, ins in enumerate(comp.instrs)}
+    fused_starts: dict[str, tuple[int, Instr]] = {}
     for i, ins in enumerate(comp.instrs):
         if ins.opcode in COLLECTIVES:
             yield i, i, ins
@@ -309,3 +332,12 @@ def iter_async_collectives(comp: Computation) -> Iterator[tuple[int, int, Instr]
             start = comp.instrs[j]
             if start.opcode.startswith(COLLECTIVES):
                 yield j, i, start
+        elif comps is not None and ins.opcode == "fusion":
+            inner = _tpu_async_collective(ins, comps, "AsyncCollectiveStart")
+            if inner is not None:
+                fused_starts[ins.name.replace("-start", "-done", 1)] = (i, inner)
+            elif ins.name in fused_starts and _tpu_async_collective(
+                ins, comps, "AsyncCollectiveDone"
+            ):
+                j, inner = fused_starts.pop(ins.name)
+                yield j, i, inner

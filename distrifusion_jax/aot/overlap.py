@@ -175,15 +175,17 @@ def op_time(cost: hlo.OpCost, target: Target) -> float:
 
 def analyze(comp: hlo.Computation, comps: dict[str, hlo.Computation], target: Target) -> Overlap:
     """The overlap of every async collective in one scheduled computation."""
+    pairs = sorted(hlo.iter_async_collectives(comp, comps))
+    # TPU async collective fusions (start, done) are communication, not compute.
+    comm = {k for s, d, _ in pairs for k in (s, d) if comp.instrs[k].opcode == "fusion"}
     times, flops = [], 0.0
-    for ins in comp.instrs:
-        cost = hlo.op_cost(ins, comp, comps)
+    for k, ins in enumerate(comp.instrs):
+        cost = hlo.OpCost(0.0, 0.0) if k in comm else hlo.op_cost(ins, comp, comps)
         flops += cost.flops
         times.append(op_time(cost, target))
     clock = [0.0]  # compute time before instruction i, without stalls
     for t in times:
         clock.append(clock[-1] + t)
-    pairs = sorted(hlo.iter_async_collectives(comp))
     wire = {s: received_bytes(ins) / target.link_bytes_per_s for s, _, ins in pairs}
     transfer = {s: target.latency_s + w for s, w in wire.items()}
     # Replay with stalls: the bytes cross one link in start order; latencies overlap.
@@ -225,7 +227,10 @@ def analyze(comp: hlo.Computation, comps: dict[str, hlo.Computation], target: Ta
 
 def busiest(comps: dict[str, hlo.Computation]) -> hlo.Computation:
     """The computation with the most async collectives (the step, or a sampler loop's body)."""
-    return max(comps.values(), key=lambda c: (sum(1 for _ in hlo.iter_async_collectives(c)), c.entry))
+    return max(
+        comps.values(),
+        key=lambda c: (sum(1 for _ in hlo.iter_async_collectives(c, comps)), c.entry),
+    )
 
 
 def latency_profile(comps: dict[str, hlo.Computation], target: Target) -> str:

@@ -67,3 +67,56 @@ def test_latency_profile_names_every_instruction_with_cost():
     comps = hlo.parse_module(HLO)
     text = latency_profile(comps, TARGETS["h200x8"])
     assert 'name: "ag"' in text and 'name: "f1"' in text and 'name: "agd"' not in text
+
+
+# libtpu's async collective fusions: the all-gather sits inside a start fusion (custom-call
+# AsyncCollectiveStart) and a done fusion; a compute fusion scheduled between them hides it.
+TPU_HLO = """HloModule t, is_scheduled=true
+
+%ag_start (p: bf16[8,4096]) -> (bf16[8,4096], bf16[64,4096]) {
+  %p = bf16[8,4096]{1,0} parameter(0)
+  %g = bf16[64,4096]{1,0} all-gather(%p), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  ROOT %c = (bf16[8,4096]{1,0}, bf16[64,4096]{1,0}) custom-call(%g), custom_call_target="AsyncCollectiveStart"
+}
+
+%ag_done (p0: bf16[8,4096], p1: bf16[64,4096]) -> bf16[64,4096] {
+  %p0 = bf16[8,4096]{1,0} parameter(0)
+  %p1 = bf16[64,4096]{1,0} parameter(1)
+  %g = bf16[64,4096]{1,0} all-gather(%p0), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  ROOT %c = bf16[64,4096]{1,0} custom-call(%p0, %p1, %g), custom_call_target="AsyncCollectiveDone"
+}
+
+%fused (p0: f32[256,512], p1: f32[512,1024]) -> f32[256,1024] {
+  %p0 = f32[256,512]{1,0} parameter(0)
+  %p1 = f32[512,1024]{1,0} parameter(1)
+  ROOT %d = f32[256,1024]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: f32[256,512], b: f32[512,1024], x: bf16[8,4096]) -> f32[256,1024] {
+  %a = f32[256,512]{1,0} parameter(0)
+  %b = f32[512,1024]{1,0} parameter(1)
+  %x = bf16[8,4096]{1,0} parameter(2)
+  %async-collective-start.3 = (bf16[8,4096]{1,0}, bf16[64,4096]{1,0}) fusion(%x), kind=kCustom, calls=%ag_start
+  %f1 = f32[256,1024]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused
+  %s0 = bf16[8,4096]{1,0} get-tuple-element(%async-collective-start.3), index=0
+  %s1 = bf16[64,4096]{1,0} get-tuple-element(%async-collective-start.3), index=1
+  %async-collective-done.3 = bf16[64,4096]{1,0} fusion(%s0, %s1), kind=kCustom, calls=%ag_done
+  ROOT %r = f32[256,1024]{1,0} copy(%f1)
+}
+"""
+
+
+def test_tpu_async_collective_fusions_pair_and_hide():
+    comps = hlo.parse_module(TPU_HLO)
+    main = hlo.entry(comps)
+    assert list(hlo.iter_async_collectives(main)) == []  # the fusions need `comps` to be seen
+    [(s, d, inner)] = list(hlo.iter_async_collectives(main, comps))
+    assert (main.instrs[s].name, main.instrs[d].name) == (
+        "async-collective-start.3",
+        "async-collective-done.3",
+    )
+    assert inner.opcode == "all-gather"
+    [c] = analyze(main, comps, SLOW).collectives
+    dot_s = 2 * 256 * 1024 * 512 / 1e12
+    assert c.bytes == 7 / 8 * 64 * 4096 * 2
+    assert c.window_s == pytest.approx(dot_s)  # the start/done fusions themselves cost nothing
