@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from distrifusion_jax.io.checkpoint import load_component
+from distrifusion_jax.io.lora import kernel_shapes, load_lora, merge_loras
 from distrifusion_jax.parallel.config import ParallelConfig
 from distrifusion_jax.parallel.mesh import make_mesh, to_global, to_host
 from distrifusion_jax.parallel.step import cond_spec, latent_spec, make_decode
@@ -70,6 +71,8 @@ class DistriSDXLPipeline:
     force_zeros_for_empty_prompt: bool = True
     timings: Timings = dataclasses.field(default_factory=Timings)
     _compiled: dict = dataclasses.field(default_factory=dict)
+    loras: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # set_loras
+    _base: dict = dataclasses.field(default_factory=dict)  # what set_loras merges into
 
     @classmethod
     def from_pretrained(
@@ -138,6 +141,29 @@ class DistriSDXLPipeline:
     def default_size(self) -> int:
         """Pixels per side the UNet was trained at (diffusers: sample_size * VAE factor)."""
         return self.unet.config.sample_size * self.vae_scale_factor
+
+    def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
+        """Merge LoRA files `[(path, scale), ...]` into the UNet and text encoders, replacing any
+        set before (`[]` restores the loaded params). Every file is read and checked against the
+        model first (`io.lora.LoraError` names the file and key), so a bad one changes nothing;
+        the base params are kept, so swapping or rescaling never reloads the checkpoint.
+        """
+        names = ("text_encoder", "text_encoder_2")[: len(self.encoders)]
+        if not self._base:  # first call: keep what was loaded (encoders with their jit caches)
+            self._base = {"unet": self.unet_params, **dict(zip(names, self.encoders))}
+        kernels = {"unet": kernel_shapes(self._base["unet"])}
+        kernels.update({n: kernel_shapes(self._base[n].params) for n in names})
+        parsed = [(load_lora(path, kernels), float(scale)) for path, scale in loras]
+        self.unet_params = merge_loras(self._base["unet"], parsed, "unet")
+        encoders = []
+        for n in names:
+            base = self._base[n]
+            params = merge_loras(base.params, parsed, n)
+            encoders.append(
+                base if params is base.params else dataclasses.replace(base, params=params)
+            )
+        self.encoders = encoders
+        self.loras = [(str(path), float(scale)) for path, scale in loras]
 
     def scheduler(self, name: str | None = None):
         return scheduler_from_config(self.scheduler_config, name)

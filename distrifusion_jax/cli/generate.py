@@ -80,6 +80,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "end (faster where collectives block, e.g. CPU processes; same image)",
     )
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="LoRA .safetensors (diffusers or kohya keys) merged at SCALE (default 1.0); repeatable",
+    )
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--output", default="out.png", help="PNG path; with several images -N is added")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -142,6 +149,18 @@ def jobs_of(args: argparse.Namespace) -> list[Job]:
     return make_jobs(args.prompt, args.seed, Path(args.output), args.num_images, args.prompts_file)
 
 
+def loras_of(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """`--lora PATH[:SCALE]` values as (path, scale); a suffix that is no number stays in PATH."""
+    out = []
+    for value in args.lora:
+        path, _, scale = value.rpartition(":")
+        try:
+            out.append((path, float(scale)) if path else (value, 1.0))
+        except ValueError:
+            out.append((value, 1.0))
+    return out
+
+
 def check_inputs(args: argparse.Namespace, jobs: list[Job]) -> None:
     """Fail before any heavy work: bad paths, overwrites, impossible numbers."""
     paths = [p for job in jobs for p in job.paths]
@@ -156,6 +175,9 @@ def check_inputs(args: argparse.Namespace, jobs: list[Job]) -> None:
     for p in paths:
         if not p.parent.is_dir():
             raise FileNotFoundError(f"output folder {p.parent} does not exist; create it first")
+    for path, _ in loras_of(args):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"LoRA file {path} does not exist; pass --lora PATH[:SCALE]")
     if args.steps < 1:
         raise ValueError("--steps must be at least 1")
 
@@ -222,6 +244,9 @@ def run(args: argparse.Namespace) -> int:
     )
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
     pipe = DistriSDXLPipeline.from_pretrained(args.model, parallel=parallel, dtype=dtype)
+    loras = loras_of(args)
+    if loras:
+        pipe.set_loras(loras)  # every file checked before any weight changes
     lead = jax.process_index() == 0
     meta = {
         "negative_prompt": args.negative_prompt or "",
@@ -232,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
         "parallel": {**vars(parallel), "devices": jax.device_count()},
         "dtype": args.dtype,
     }
+    if loras:
+        meta["loras"] = [{"path": path, "scale": scale} for path, scale in loras]
     for job in jobs:
         images = pipe(
             job.prompt,
