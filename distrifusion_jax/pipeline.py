@@ -2,6 +2,13 @@
 
     pipe = DistriSDXLPipeline.from_pretrained("path/to/sdxl", parallel=ParallelConfig(patches=8))
     images = pipe("an astronaut riding a horse", num_inference_steps=50)
+    images = pipe("a red horse", image="horse.png", strength=0.5)           # img2img
+    images = pipe("a cat", image="room.png", mask_image="mask.png")          # inpainting
+
+Image-to-image and inpainting follow diffusers' `StableDiffusionXLImg2ImgPipeline` /
+`StableDiffusionXLInpaintPipeline` (and the SD 1.x/2.x ones): the image is VAE-encoded on row
+bands, the first `T - int(T * strength)` steps are skipped, a 4-channel UNet blends the known
+region back every step and a 9-channel inpainting UNet reads mask and masked-image latents.
 
 Works for SDXL (two text encoders, micro-conditioning) and SD 1.x/2.x (one encoder) folders,
 diffusers-format or converted (`python -m convert`).
@@ -23,10 +30,18 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from distrifusion_jax.io.checkpoint import load_component
+from distrifusion_jax.io.images import (
+    ImageInput,
+    default_size,
+    image_to_array,
+    latent_mask,
+    load_image,
+    mask_to_array,
+)
 from distrifusion_jax.io.lora import kernel_shapes, load_lora, merge_loras
 from distrifusion_jax.parallel.config import ParallelConfig
 from distrifusion_jax.parallel.mesh import make_mesh, to_global, to_host
-from distrifusion_jax.parallel.step import cond_spec, latent_spec, make_decode
+from distrifusion_jax.parallel.step import cond_spec, latent_spec, make_decode, make_encode
 from distrifusion_jax.prompt import TextEncoder, encode_prompts, load_clip_tokenizer
 from distrifusion_jax.sampling import scheduler_from_config
 from distrifusion_jax.sampling.sample import (
@@ -34,8 +49,14 @@ from distrifusion_jax.sampling.sample import (
     compile_seconds,
     make_sampler,
     make_stepper,
+    start_step,
     steady_step,
 )
+
+
+def default_strength(sdxl: bool, inpaint: bool) -> float:
+    """diffusers' default `strength`: SDXL img2img 0.3, inpainting 0.9999; SD 0.8 and 1.0."""
+    return (0.9999 if sdxl else 1.0) if inpaint else (0.3 if sdxl else 0.8)
 
 
 @dataclasses.dataclass
@@ -184,12 +205,21 @@ class DistriSDXLPipeline:
         target_size: tuple[int, int] | None = None,
         progress: Callable | None = None,
         noise: np.ndarray | None = None,
+        image: ImageInput | None = None,
+        mask_image: ImageInput | None = None,
+        strength: float | None = None,
+        posterior: str = "sample",
     ) -> list[Image.Image]:
         """Generate `num_images` images per prompt; returns PIL images (on every process).
 
         `progress` (e.g. `tqdm.tqdm`) switches to the step-at-a-time driver and records
         per-step times in `self.timings`; otherwise the whole loop is one jit call.
         `noise` `[B, h, w, C]` (unit Gaussian) replaces the seeded initial latents.
+        `image` (PIL or path): img2img from it; with `mask_image` (white = repaint, same size)
+        inpainting. Height and width default to the image's, rounded down to the VAE factor.
+        `strength` in (0, 1] (default `default_strength`): the share of the steps run.
+        `posterior`: "sample" draws the image latents from the VAE posterior (seeded, as
+        diffusers), "mean" takes its mean (diffusers' `sample_mode="argmax"`).
         """
         latents = self.generate_latents(
             prompt,
@@ -206,6 +236,10 @@ class DistriSDXLPipeline:
             target_size,
             progress,
             noise,
+            image,
+            mask_image,
+            strength,
+            posterior,
         )
         return self.decode(latents)
 
@@ -225,6 +259,10 @@ class DistriSDXLPipeline:
         target_size=None,
         progress=None,
         noise=None,
+        image=None,
+        mask_image=None,
+        strength=None,
+        posterior="sample",
     ) -> jax.Array:
         """Like `__call__` but returns the final latents `[B, h, w, C]` (a global array)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -238,9 +276,30 @@ class DistriSDXLPipeline:
                     f"{len(negs) // num_images} negative prompts for "
                     f"{len(prompts) // num_images} prompts; give one per prompt or a single one."
                 )
+        f = self.vae_scale_factor
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image needs image: pass the image to inpaint as well.")
+        if posterior not in ("sample", "mean"):
+            raise ValueError(f"posterior must be 'sample' or 'mean'; got {posterior!r}")
+        first = 0
+        if image is not None:
+            image = load_image(image)
+            if mask_image is not None:
+                mask_image = load_image(mask_image, "mask")
+                if mask_image.size != image.size:
+                    raise ValueError(
+                        f"mask size {mask_image.width}x{mask_image.height} differs from image "
+                        f"size {image.width}x{image.height}; give a mask of the image's size."
+                    )
+            if strength is None:
+                strength = default_strength(self.is_sdxl, mask_image is not None)
+            first = start_step(num_inference_steps, strength)
+            h0, w0 = default_size(image, f)
+            height, width = height or h0, width or w0
+        elif strength is not None:
+            raise ValueError("strength needs image: pass an image for img2img or inpainting.")
         height = height or self.default_size
         width = width or self.default_size
-        f = self.vae_scale_factor
         if height % f or width % f:
             raise ValueError(
                 f"height {height} and width {width} must be multiples of the VAE factor {f}."
@@ -251,7 +310,8 @@ class DistriSDXLPipeline:
             raise ValueError(
                 f"cfg_split needs guidance_scale > 1 (got {guidance_scale}); disable cfg split."
             )
-        lat_shape = (len(prompts), height // f, width // f, self.unet.config.in_channels)
+        lat_shape = (len(prompts), height // f, width // f, self.unet.config.out_channels)
+        self._check_channels(lat_shape[-1], mask_image is not None)
         pc.check_shapes(lat_shape[1:3], self.unet.config.num_downsamplers, batch=lat_shape[0])
         sched = self.scheduler(scheduler)
 
@@ -283,16 +343,25 @@ class DistriSDXLPipeline:
         spec = P("data") if pc.naive else latent_spec("row")
         noise = to_global(noise, self.mesh, spec)
         step_key = to_global(np.asarray(step_key), self.mesh, P())
+        cond_image = {}
+        if image is not None:
+            image_key = jax.random.fold_in(key, 2)  # the txt2img keys stay as they were
+            cond_image = self._image_cond(
+                image, mask_image, lat_shape, strength, posterior, image_key
+            )
+            cond_image = to_global(cond_image, self.mesh, spec)
         self.timings = Timings(encode=time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        cache_key = (num_inference_steps, scheduler, progress is not None)
+        cache_key = (num_inference_steps, scheduler, progress is not None, first)
         if cache_key not in self._compiled:
             build = make_stepper if progress is not None else make_sampler
-            self._compiled[cache_key] = build(self.unet, sched, num_inference_steps, pc, self.mesh)
+            self._compiled[cache_key] = build(
+                self.unet, sched, num_inference_steps, pc, self.mesh, first_step=first
+            )
         driver = self._compiled[cache_key]
         if progress is None:
-            latents = driver(self.unet_params, noise, cond, guidance_scale, step_key)
+            latents = driver(self.unet_params, noise, cond, guidance_scale, step_key, cond_image)
         else:
             latents = driver.run(
                 self.unet_params,
@@ -302,10 +371,61 @@ class DistriSDXLPipeline:
                 step_key,
                 progress,
                 times=self.timings.step_times,
+                image=cond_image,
             )
         latents.block_until_ready()
         self.timings.denoise = time.perf_counter() - t0
         return latents
+
+    def _check_channels(self, latent_channels: int, inpaint: bool) -> None:
+        """A 4-channel UNet, or with a mask a 9-channel inpainting UNet (latents, mask,
+        masked-image latents)."""
+        c_in, c = self.unet.config.in_channels, latent_channels
+        if c_in == c or (inpaint and c_in == 2 * c + 1):
+            return
+        raise ValueError(
+            f"the UNet takes {c_in} input channels; expected {c} (text/img2img/inpainting) or "
+            f"{2 * c + 1} (inpainting UNet{', which needs mask_image' if not inpaint else ''})."
+        )
+
+    def encode_image(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels `[B, H, W, 3]` in [-1, 1] -> VAE posterior (mean, logvar) `[B, h, w, C]`
+        (host arrays), encoding on row bands across the mesh (exact)."""
+        if "encode" not in self._compiled:
+            self._compiled["encode"] = make_encode(self.vae, self.parallel, self.mesh)
+        x = to_global(pixels.astype(self.vae.dtype), self.mesh, latent_spec("row"))
+        mean, logvar = self._compiled["encode"](self.vae_params, x)
+        return to_host(mean).astype(np.float32), to_host(logvar).astype(np.float32)
+
+    def _image_latents(self, pixels: np.ndarray, b: int, posterior: str, key) -> np.ndarray:
+        """One image `[H, W, 3]` -> scaled latents `[B, h, w, C]` (one posterior draw, repeated
+        over the batch as diffusers does)."""
+        data = self.parallel.data  # the encode splits the batch over `data`
+        mean, logvar = self.encode_image(np.broadcast_to(pixels, (data, *pixels.shape)))
+        z = mean[:1]
+        if posterior == "sample":
+            eps = np.asarray(jax.random.normal(key, z.shape, jnp.float32))
+            z = z + np.exp(0.5 * logvar[:1]) * eps
+        cfg = self.vae.config
+        z = (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+        return np.repeat(z.astype(np.float32), b, axis=0)
+
+    def _image_cond(self, image, mask_image, lat_shape, strength, posterior, key) -> dict:
+        """Host arrays of the sampler's `ImageCond` (see `sampling/sample.py`)."""
+        b, h, w, c = lat_shape
+        f = self.vae_scale_factor
+        pixels = image_to_array(image, h * f, w * f)
+        image_key, masked_key = jax.random.split(key)
+        latents = self._image_latents(pixels, b, posterior, image_key)
+        if mask_image is None:
+            return {"init": latents}
+        mask = mask_to_array(mask_image, h * f, w * f)
+        out = {} if strength == 1.0 else {"init": latents}  # diffusers: pure noise at 1.0
+        lat_mask = np.repeat(latent_mask(mask, f)[None], b, axis=0)
+        if self.unet.config.in_channels == c:
+            return {**out, "known": latents, "mask": lat_mask}
+        masked = self._image_latents(pixels * (mask < 0.5), b, posterior, masked_key)
+        return {**out, "concat": np.concatenate([lat_mask, masked], axis=-1)}
 
     def decode(self, latents: jax.Array) -> list[Image.Image]:
         """Latents `[B, h, w, C]` -> PIL images, decoding on row bands across the mesh."""

@@ -3,6 +3,8 @@
     distrifusion-generate                                  # shipped tiny model, 1 device
     distrifusion-generate --cpu-devices 8 --patches 8      # 8 row bands on fake CPU devices
     distrifusion-generate --model ~/sdxl --prompt "..." --patches 8 --cfg-split  # 16 GPUs
+    distrifusion-generate --image in.png --strength 0.5              # image-to-image
+    distrifusion-generate --image in.png --mask mask.png             # inpainting (white: repaint)
 
 (`python scripts/generate.py` in a checkout is the same command.)
 
@@ -86,6 +88,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="PATH[:SCALE]",
         help="LoRA .safetensors (diffusers or kohya keys) merged at SCALE (default 1.0); repeatable",
+    )
+    p.add_argument("--image", type=Path, default=None, help="init image: img2img (or inpainting)")
+    p.add_argument("--mask", type=Path, default=None, help="inpainting mask (white = repaint)")
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --image: share of the steps run, in (0, 1] (default diffusers': SDXL "
+        "img2img 0.3, inpainting 0.9999; SD 0.8 and 1.0)",
     )
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--output", default="out.png", help="PNG path; with several images -N is added")
@@ -180,6 +191,31 @@ def check_inputs(args: argparse.Namespace, jobs: list[Job]) -> None:
             raise FileNotFoundError(f"LoRA file {path} does not exist; pass --lora PATH[:SCALE]")
     if args.steps < 1:
         raise ValueError("--steps must be at least 1")
+    check_image_inputs(args)
+
+
+def check_image_inputs(args: argparse.Namespace) -> None:
+    """--image/--mask/--strength: files exist, sizes match, strength in (0, 1]."""
+    if args.mask is not None and args.image is None:
+        raise ValueError("--mask needs --image (the image to inpaint)")
+    if args.strength is not None:
+        if args.image is None:
+            raise ValueError("--strength needs --image (img2img or inpainting)")
+        if not 0 < args.strength <= 1:
+            raise ValueError(f"--strength must be in (0, 1]; got {args.strength}")
+    sizes = {}
+    for flag, path in (("--image", args.image), ("--mask", args.mask)):
+        if path is None:
+            continue
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag} file {path} does not exist")
+        from PIL import Image
+
+        with Image.open(path) as im:  # reads the header only
+            sizes[flag] = im.size
+    if len(sizes) == 2 and sizes["--image"] != sizes["--mask"]:
+        (iw, ih), (mw, mh) = sizes["--image"], sizes["--mask"]
+        raise ValueError(f"--mask is {mw}x{mh} but --image is {iw}x{ih}; give masks of equal size")
 
 
 def save_png(image, path: Path, meta: dict) -> None:
@@ -259,6 +295,16 @@ def run(args: argparse.Namespace) -> int:
     }
     if loras:
         meta["loras"] = [{"path": path, "scale": scale} for path, scale in loras]
+    strength = None
+    if args.image is not None:
+        from distrifusion_jax.pipeline import default_strength
+
+        strength = args.strength
+        if strength is None:
+            strength = default_strength(pipe.is_sdxl, args.mask is not None)
+        meta.update(image=str(args.image), strength=strength)
+        if args.mask is not None:
+            meta["mask"] = str(args.mask)
     for job in jobs:
         images = pipe(
             job.prompt,
@@ -270,6 +316,9 @@ def run(args: argparse.Namespace) -> int:
             seed=job.seed,
             scheduler=args.scheduler,
             num_images=args.num_images,
+            image=args.image,
+            mask_image=args.mask,
+            strength=strength,
             # a supervised worker's stderr is its log file: progress goes to stdout
             progress=(
                 lambda it: tqdm(

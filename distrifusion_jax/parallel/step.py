@@ -160,3 +160,22 @@ def make_decode(vae: nn.Module, parallel: ParallelConfig, mesh: Mesh) -> Callabl
         return module.apply({"params": params}, z, method=module.decode)
 
     return jax.jit(shard(body, mesh, in_specs=(P(), spec), out_specs=spec))
+
+
+def make_encode(
+    vae: nn.Module, parallel: ParallelConfig, mesh: Mesh
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """A jitted VAE encode on row bands: `(params, image [B, H, W, 3]) -> (mean, logvar)`,
+    each `[B, H/f, W/f, C]`, split by rows like the latents.
+
+    As `make_decode`, exact (`full_sync`): the stride-2 downsamplers fetch their bottom pad row
+    from the band below, so the result equals the single-device encode.
+    """
+    ctx = ParallelConfig(patches=parallel.patches, mode="full_sync").context(False)
+    module = vae.clone(patch=ctx)
+    spec = latent_spec("row")
+
+    def body(params, x):
+        return module.apply({"params": params}, x, method=module.encode)
+
+    return jax.jit(shard(body, mesh, in_specs=(P(), spec), out_specs=(spec, spec)))

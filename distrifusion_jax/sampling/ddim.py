@@ -63,9 +63,17 @@ class DDIMScheduler(SchedulerConfig):
             alphas_cumprod_prev=jnp.asarray(ac_prev),
         )
 
-    def init_state(self, schedule: DDIMSchedule, sample_shape, dtype=jnp.float32) -> StepState:
+    def init_state(
+        self, schedule: DDIMSchedule, sample_shape, dtype=jnp.float32, first_step=0
+    ) -> StepState:
         del schedule, sample_shape, dtype
-        return StepState(step=jnp.zeros((), jnp.int32))
+        return StepState(step=jnp.asarray(first_step, jnp.int32))
+
+    def add_noise(self, schedule: DDIMSchedule, original, noise, i):
+        """sqrt(abar) x0 + sqrt(1 - abar) noise at timesteps[i] (diffusers' `add_noise`)."""
+        a = schedule.alphas_cumprod[i]
+        x = sqrt(a) * original.astype(jnp.float32) + sqrt(1 - a) * noise.astype(jnp.float32)
+        return x.astype(original.dtype)
 
     def init_noise_sigma(self, schedule: DDIMSchedule) -> jnp.ndarray:
         del schedule

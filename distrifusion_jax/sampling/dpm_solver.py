@@ -22,6 +22,7 @@ from distrifusion_jax.sampling.schedule import SchedulerConfig, SigmaSchedule, s
 class DPMSolverState:
     step: jnp.ndarray  # [] int32
     prev_model_output: jnp.ndarray  # like the sample, fp32: x0 prediction of the previous step
+    first_step: jnp.ndarray  # [] int32: the first step run (first order there; img2img > 0)
 
 
 def _alpha_sigma(sigma):
@@ -104,11 +105,18 @@ class DPMSolverMultistepScheduler(SchedulerConfig):
         sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
         return SigmaSchedule(timesteps=jnp.asarray(ts, jnp.float32), sigmas=jnp.asarray(sigmas))
 
-    def init_state(self, schedule: SigmaSchedule, sample_shape, dtype=jnp.float32):
+    def init_state(self, schedule: SigmaSchedule, sample_shape, dtype=jnp.float32, first_step=0):
         del schedule
+        first = jnp.asarray(first_step, jnp.int32)
         return DPMSolverState(
-            step=jnp.zeros((), jnp.int32), prev_model_output=jnp.zeros(sample_shape, dtype)
+            step=first, prev_model_output=jnp.zeros(sample_shape, dtype), first_step=first
         )
+
+    def add_noise(self, schedule: SigmaSchedule, original, noise, i):
+        """alpha_i x0 + sigma_i noise (diffusers' `add_noise`, VP form of sigmas[i])."""
+        alpha, sigma = _alpha_sigma(schedule.sigmas[i])
+        x = alpha * original.astype(jnp.float32) + sigma * noise.astype(jnp.float32)
+        return x.astype(original.dtype)
 
     def init_noise_sigma(self, schedule: SigmaSchedule) -> jnp.ndarray:
         del schedule
@@ -141,13 +149,17 @@ class DPMSolverMultistepScheduler(SchedulerConfig):
         lambda_s1 = jnp.log(alpha_s1) - jnp.log(sigma_s1)
         h = lambda_t - lambda_s0
 
-        # diffusers' rule: first order at step 0 and, with `lower_order_final`, at the last step.
+        # diffusers' rule: first order at the first step run and, with `lower_order_final`, at the last step.
         lower_final = (
             self.euler_at_final
             or (self.lower_order_final and num_steps < 15)
             or self.final_sigmas_type == "zero"
         )
-        use_first = (i == 0) | (lower_final & (i == num_steps - 1)) | (self.solver_order == 1)
+        use_first = (
+            (i == state.first_step)
+            | (lower_final & (i == num_steps - 1))
+            | (self.solver_order == 1)
+        )
         # Where the first order is used r0 is 0 or nan (no previous step; h = inf at sigma 0);
         # 1 keeps the unused branch finite. Operation order follows diffusers for equal rounding.
         r0 = jnp.where(use_first, 1.0, (lambda_s0 - lambda_s1) / h)
@@ -172,4 +184,4 @@ class DPMSolverMultistepScheduler(SchedulerConfig):
 
         prev = jnp.where(use_first, first, second)
         prev_x0 = x0.astype(state.prev_model_output.dtype)
-        return prev.astype(sample.dtype), DPMSolverState(step=i + 1, prev_model_output=prev_x0)
+        return prev.astype(sample.dtype), state.replace(step=i + 1, prev_model_output=prev_x0)

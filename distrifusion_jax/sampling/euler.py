@@ -53,6 +53,12 @@ def scale_by_sigma(schedule: SigmaSchedule, state: StepState, sample):
     return (sample / sqrt(sigma * sigma + 1)).astype(sample.dtype)
 
 
+def add_sigma_noise(schedule: SigmaSchedule, original, noise, i):
+    """x0 + sigma_i * noise: `original` noised to step i (diffusers' Euler `add_noise`)."""
+    sigma = schedule.sigmas[i]
+    return (original.astype(jnp.float32) + noise.astype(jnp.float32) * sigma).astype(original.dtype)
+
+
 def predict_x0(prediction_type: str, model_output, sample, sigma):
     """x0 from the model output (sigma_hat = sigma: no churn)."""
     if prediction_type == "epsilon":
@@ -101,9 +107,14 @@ class EulerDiscreteScheduler(SchedulerConfig):
             final_sigma_min=self.final_sigmas_type == "sigma_min",
         )
 
-    def init_state(self, schedule: SigmaSchedule, sample_shape, dtype=jnp.float32) -> StepState:
+    def init_state(
+        self, schedule: SigmaSchedule, sample_shape, dtype=jnp.float32, first_step=0
+    ) -> StepState:
         del schedule, sample_shape, dtype
-        return StepState(step=jnp.zeros((), jnp.int32))
+        return StepState(step=jnp.asarray(first_step, jnp.int32))
+
+    def add_noise(self, schedule: SigmaSchedule, original, noise, i):
+        return add_sigma_noise(schedule, original, noise, i)
 
     def init_noise_sigma(self, schedule: SigmaSchedule) -> jnp.ndarray:
         return noise_sigma(self.timestep_spacing, schedule)

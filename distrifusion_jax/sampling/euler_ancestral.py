@@ -6,7 +6,13 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from distrifusion_jax.sampling.euler import noise_sigma, predict_x0, scale_by_sigma, sigma_schedule
+from distrifusion_jax.sampling.euler import (
+    add_sigma_noise,
+    noise_sigma,
+    predict_x0,
+    scale_by_sigma,
+    sigma_schedule,
+)
 from distrifusion_jax.sampling.schedule import SchedulerConfig, SigmaSchedule, StepState, sqrt
 
 
@@ -23,9 +29,14 @@ class EulerAncestralDiscreteScheduler(SchedulerConfig):
     def set_timesteps(self, num_inference_steps: int) -> SigmaSchedule:
         return sigma_schedule(self, num_inference_steps)
 
-    def init_state(self, schedule: SigmaSchedule, sample_shape, dtype=jnp.float32) -> StepState:
+    def init_state(
+        self, schedule: SigmaSchedule, sample_shape, dtype=jnp.float32, first_step=0
+    ) -> StepState:
         del schedule, sample_shape, dtype
-        return StepState(step=jnp.zeros((), jnp.int32))
+        return StepState(step=jnp.asarray(first_step, jnp.int32))
+
+    def add_noise(self, schedule: SigmaSchedule, original, noise, i):
+        return add_sigma_noise(schedule, original, noise, i)
 
     def init_noise_sigma(self, schedule: SigmaSchedule) -> jnp.ndarray:
         return noise_sigma(self.timestep_spacing, schedule)

@@ -8,6 +8,10 @@ for the whole trajectory and is gathered once at the end. Two drivers share the 
 - `make_stepper`: `init`/`step`/`finish` jitted separately, for a Python loop with a progress
   bar; the carry lives between calls as global arrays with a leading device axis.
 The loop does not care which scheduler drives it (interface: `sampling/schedule.py`).
+
+Image-to-image and inpainting start at step `first_step` (the steps before it are skipped; the
+warm-up counts from there) and take an `image` dict of latent-sized arrays, split by rows like
+the latent (`ImageCond`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ from distrifusion_jax.parallel.step import STATE_SPEC, cond_spec, latent_spec, l
 
 Cond = dict[str, jax.Array]
 Carry = tuple[jax.Array, Any, dict]  # (latent band, scheduler state, model state)
+# Image conditioning, every entry `[B, h, w, K]` (a band of rows on a device), all optional:
+#   "init"    scaled image latents: the trajectory starts at add_noise(init, noise, first_step)
+#             instead of noise * init_noise_sigma (img2img; inpainting with strength < 1)
+#   "known" + "mask"  after every step the known region (mask 0) is replaced by `known` noised
+#             to the next step with the initial noise (inpainting with a 4-channel UNet)
+#   "concat"  appended to the UNet input channels every step (9-channel inpainting UNet:
+#             mask [1] and masked-image latents [4])
+ImageCond = dict[str, jax.Array]
 
 
 def _noise_slice(key: jax.Array, i: jax.Array, local_shape, axes: dict[str, int]) -> jax.Array:
@@ -61,21 +73,44 @@ class LocalLoop:
         # Naive patch keeps the whole latent on every device and splits per step.
         return P("data") if self.parallel.naive else latent_spec("row")
 
-    def init(self, x: jax.Array) -> Carry:
-        """Unit noise band `[B_l, h, W, C]` -> the carry before step 0."""
-        ss = self.scheduler.init_state(self.schedule, x.shape)
-        return x.astype(jnp.float32) * self.scheduler.init_noise_sigma(self.schedule), ss, {}
+    def init(self, x: jax.Array, image: ImageCond, first_step: int = 0) -> Carry:
+        """Unit noise band `[B_l, h, W, C]` -> the carry before step `first_step`."""
+        ss = self.scheduler.init_state(self.schedule, x.shape, first_step=first_step)
+        x = x.astype(jnp.float32)
+        if "init" in image:
+            x = self.scheduler.add_noise(
+                self.schedule, image["init"].astype(x.dtype), x, first_step
+            )
+        else:
+            x = x * self.scheduler.init_noise_sigma(self.schedule)
+        return x, ss, {}
 
-    def step(self, params, carry: Carry, i, cond: Cond, g, key, displaced: bool) -> Carry:
-        """Denoising step i (synchronous or displaced) on this device's band."""
+    def step(
+        self, params, carry: Carry, i, cond: Cond, g, key, displaced: bool, image=None, noise0=None
+    ) -> Carry:
+        """Denoising step i (synchronous or displaced) on this device's band.
+
+        `image` (`ImageCond`) and `noise0` (the unit noise the trajectory started from, needed
+        with "known") are only for img2img / inpainting.
+        """
         x, ss, state = carry
+        image = image or {}
         xin = self.scheduler.scale_model_input(self.schedule, ss, x)
+        if "concat" in image:
+            xin = jnp.concatenate([xin, image["concat"].astype(xin.dtype)], axis=-1)
         eps, state = self._predict(params, state, xin, i, cond, g, displaced)
         noise = None
         if self.scheduler.needs_noise:
             axes = {"data": 0} if self.parallel.naive else {"data": 0, "patch": 1}
             noise = _noise_slice(key, i, x.shape, axes)
         x, ss = self.scheduler.step(self.schedule, ss, eps, x, noise)
+        if "known" in image:  # diffusers' inpainting with a 4-channel UNet
+            known = image["known"].astype(x.dtype)
+            last = i + 1 >= self.schedule.timesteps.shape[0]
+            renoised = self.scheduler.add_noise(self.schedule, known, noise0, i + 1)
+            known = jnp.where(last, known, renoised)
+            mask = image["mask"].astype(x.dtype)
+            x = (1 - mask) * known + mask * x
         return x, ss, state
 
     def _predict(self, params, state, x, i, cond, g, displaced):
@@ -98,6 +133,29 @@ class LocalLoop:
         return on(1 if pc.naive_split == "row" else 2)
 
 
+def _check_first(first_step: int, num_inference_steps: int) -> int:
+    if not 0 <= first_step < num_inference_steps:
+        raise ValueError(
+            f"first_step {first_step} must be in [0, {num_inference_steps}) "
+            f"(num_inference_steps {num_inference_steps})"
+        )
+    return first_step
+
+
+def start_step(num_inference_steps: int, strength: float) -> int:
+    """The first step img2img runs (diffusers' `get_timesteps`: the last `int(T * strength)`
+    steps are run). Raises ValueError when strength is outside (0, 1] or no step is left."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1]; got {strength}")
+    run = min(int(num_inference_steps * strength), num_inference_steps)
+    if run < 1:
+        raise ValueError(
+            f"strength {strength} with {num_inference_steps} steps runs no step; "
+            f"raise strength or the number of steps"
+        )
+    return num_inference_steps - run
+
+
 def _checks(loop: LocalLoop, noise_shape, cond: Cond) -> None:
     pc = loop.parallel
     num_down = getattr(getattr(loop.model, "config", None), "num_downsamplers", None)
@@ -116,8 +174,9 @@ def make_sampler(
     num_inference_steps: int,
     parallel: ParallelConfig,
     mesh: Mesh,
+    first_step: int = 0,
 ) -> Callable[..., jax.Array]:
-    """Build `sample(params, noise, cond, guidance_scale, key) -> latents`, pure and jit-ed.
+    """Build `sample(params, noise, cond, guidance_scale, key, image=None) -> latents`, jit-ed.
 
     Args:
       model: the UNet module (its patch context is set per phase).
@@ -125,37 +184,47 @@ def make_sampler(
       num_inference_steps: T.
       parallel: mesh layout, mode and warm-up (steps 0..w synchronous).
       mesh: from `parallel.mesh.make_mesh(parallel)`.
+      first_step: steps 0..first_step-1 are skipped (img2img: `start_step`); the warm-up
+        steps are first_step..first_step+w, so the first step run is synchronous.
 
     The returned function takes `noise [B, H, W, C]` (unit Gaussian), `cond` (leading `[G, B]`,
     G = 2 with guidance), a traced `guidance_scale` and a PRNG `key` (ancestral schedulers draw
     their step noise from it; required, so no two callers share a hidden default); it returns
-    the final latents `[B, H, W, C]` (fp32). One compile serves every prompt and seed.
+    the final latents `[B, H, W, C]` (fp32). `image` (`ImageCond`, global arrays split like
+    `noise`) conditions img2img and inpainting. One compile serves every prompt and seed.
     """
     loop = LocalLoop(model, scheduler, scheduler.set_timesteps(num_inference_steps), parallel)
-    warm = min(parallel.warmup_steps, num_inference_steps - 1)
+    first = _check_first(first_step, num_inference_steps)
+    warm = min(parallel.warmup_steps, num_inference_steps - first - 1)
 
-    def body(params, x, cond, g, key):
+    def body(params, x, cond, g, key, image):
         def phase(displaced):
-            return lambda c, i: (loop.step(params, c, i, cond, g, key, displaced), None)
+            def f(c, i):
+                return loop.step(params, c, i, cond, g, key, displaced, image, x), None
 
-        carry = loop.step(params, loop.init(x), jnp.int32(0), cond, g, key, False)
+            return f
+
+        start = loop.init(x, image, first)
+        carry = loop.step(params, start, jnp.int32(first), cond, g, key, False, image, x)
         if warm >= 1:
-            carry, _ = jax.lax.scan(phase(False), carry, jnp.arange(1, warm + 1))
-        if num_inference_steps > warm + 1:
-            carry, _ = jax.lax.scan(phase(True), carry, jnp.arange(warm + 1, num_inference_steps))
+            carry, _ = jax.lax.scan(phase(False), carry, jnp.arange(first + 1, first + warm + 1))
+        if num_inference_steps > first + warm + 1:
+            rest = jnp.arange(first + warm + 1, num_inference_steps)
+            carry, _ = jax.lax.scan(phase(True), carry, rest)
         return carry[0]
 
     sharded = shard(
         body,
         mesh,
-        in_specs=(P(), loop.latent_spec, cond_spec(parallel), P(), P()),
+        in_specs=(P(), loop.latent_spec, cond_spec(parallel), P(), P(), loop.latent_spec),
         out_specs=loop.latent_spec,
     )
 
     @functools.partial(jax.jit, compiler_options=exchange_compiler_options(mesh))
-    def sample(params, noise, cond, guidance_scale, key):
+    def sample(params, noise, cond, guidance_scale, key, image=None):
         _checks(loop, noise.shape, cond)
-        return sharded(params, noise, cond, jnp.asarray(guidance_scale, jnp.float32), key)
+        g = jnp.asarray(guidance_scale, jnp.float32)
+        return sharded(params, noise, cond, g, key, dict(image or {}))
 
     return sample
 
@@ -190,13 +259,14 @@ def _cache_entries(fn: Callable) -> int | None:
 class Stepper:
     """The same trajectory as `make_sampler`, one jitted call per step (see `run`)."""
 
-    first: Callable[..., Any]  # (params, noise, cond, g, key) -> carry after step 0
-    sync: Callable[..., Any]  # (params, carry, i, cond, g, key) -> carry
+    first: Callable[..., Any]  # (params, noise, cond, g, key, image) -> carry after step 0
+    sync: Callable[..., Any]  # (params, carry, i, cond, g, key, image, noise) -> carry
     displaced: Callable[..., Any]
     finish: Callable[..., jax.Array]  # carry -> latents [B, H, W, C]
     check: Callable[..., None]  # (noise shape, cond) -> None; raises ValueError
     num_steps: int
     warmup_steps: int
+    first_step: int = 0
 
     def run(
         self,
@@ -207,22 +277,25 @@ class Stepper:
         key: jax.Array,
         progress: Callable = iter,
         times: list[StepTime] | None = None,
+        image: ImageCond | None = None,
     ) -> jax.Array:
-        """All steps -> latents `[B, H, W, C]`. `progress` wraps the step range (e.g.
-        `tqdm.tqdm`). With a `times` list, each step is waited for and a `StepTime` appended,
-        saying whether that call compiled."""
+        """Steps first_step..T-1 -> latents `[B, H, W, C]`. `progress` wraps the step range
+        (e.g. `tqdm.tqdm`). With a `times` list, each step is waited for and a `StepTime`
+        appended, saying whether that call compiled. `image`: see `ImageCond`."""
         self.check(noise.shape, cond)
         g = jnp.float32(guidance_scale)
+        image = dict(image or {})
         seen: set[int] = set()
         carry = None
-        for i in progress(range(self.num_steps)):
-            fn = self.first if i == 0 else self.sync if i <= self.warmup_steps else self.displaced
+        first, last_sync = self.first_step, self.first_step + self.warmup_steps
+        for i in progress(range(first, self.num_steps)):
+            fn = self.first if i == first else self.sync if i <= last_sync else self.displaced
             before = _cache_entries(fn)
             t = time.perf_counter()
-            if i == 0:
-                carry = fn(params, noise, cond, g, key)
+            if i == first:
+                carry = fn(params, noise, cond, g, key, image)
             else:
-                carry = fn(params, carry, jnp.int32(i), cond, g, key)
+                carry = fn(params, carry, jnp.int32(i), cond, g, key, image, noise)
             if times is not None:
                 jax.block_until_ready(carry)
                 after = _cache_entries(fn)
@@ -238,6 +311,7 @@ def make_stepper(
     num_inference_steps: int,
     parallel: ParallelConfig,
     mesh: Mesh,
+    first_step: int = 0,
 ) -> Stepper:
     """A step-at-a-time driver (for progress bars); equal to `make_sampler`'s trajectory.
 
@@ -245,6 +319,7 @@ def make_stepper(
     and `displaced` donate the carry they are given (do not reuse it after the call).
     """
     loop = LocalLoop(model, scheduler, scheduler.set_timesteps(num_inference_steps), parallel)
+    first_step = _check_first(first_step, num_inference_steps)
     add = lambda tree: jax.tree.map(lambda a: a[None], tree)
     drop = lambda tree: jax.tree.map(lambda a: a[0], tree)
     cspec = cond_spec(parallel)
@@ -256,19 +331,23 @@ def make_stepper(
             compiler_options=exchange_compiler_options(mesh),
         )
 
-    def first(params, x, cond, g, key):
-        return add(loop.step(params, loop.init(x), jnp.int32(0), cond, g, key, False))
+    lspec = loop.latent_spec
+
+    def first(params, x, cond, g, key, image):
+        start = loop.init(x, image, first_step)
+        return add(loop.step(params, start, jnp.int32(first_step), cond, g, key, False, image, x))
 
     def later(displaced):
-        def f(params, carry, i, cond, g, key):
-            return add(loop.step(params, drop(carry), i, cond, g, key, displaced))
+        def f(params, carry, i, cond, g, key, image, x):
+            return add(loop.step(params, drop(carry), i, cond, g, key, displaced, image, x))
 
         # The carry is donated: stale buffers are updated in place, not copied every step.
-        return jit(f, (P(), STATE_SPEC, P(), cspec, P(), P()), STATE_SPEC, donate=(1,))
+        specs = (P(), STATE_SPEC, P(), cspec, P(), P(), lspec, lspec)
+        return jit(f, specs, STATE_SPEC, donate=(1,))
 
     sync = later(False)
     return Stepper(
-        first=jit(first, (P(), loop.latent_spec, cspec, P(), P()), STATE_SPEC),
+        first=jit(first, (P(), lspec, cspec, P(), P(), lspec), STATE_SPEC),
         sync=sync,
         # One band, or the naive baseline: a displaced step is the synchronous one; one program
         # (one compile) serves both.
@@ -276,5 +355,6 @@ def make_stepper(
         finish=jit(lambda carry: drop(carry)[0], (STATE_SPEC,), loop.latent_spec),
         check=lambda shape, cond: _checks(loop, shape, cond),
         num_steps=num_inference_steps,
-        warmup_steps=min(parallel.warmup_steps, num_inference_steps - 1),
+        warmup_steps=min(parallel.warmup_steps, num_inference_steps - first_step - 1),
+        first_step=first_step,
     )

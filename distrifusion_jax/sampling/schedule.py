@@ -7,10 +7,12 @@ dataclass of its diffusers config (field names = config keys) built by `from_con
 
 Interface every scheduler implements (the sampler loop drives it inside `lax.scan`):
   set_timesteps(n) -> Schedule        host-side tables as jnp arrays; `timesteps [T]` float32
-  init_state(schedule, shape) -> state  pytree with `step` (int32) and any multistep buffers
+  init_state(schedule, shape, dtype, first_step=0) -> state  pytree with `step` (int32, starts at
+                                       first_step: img2img skips steps) and any multistep buffers
   init_noise_sigma(schedule) -> scalar   multiplies the initial Gaussian noise
   scale_model_input(schedule, state, x) -> x   what the UNet sees at this step
   step(schedule, state, model_output, x, noise=None) -> (x_prev, new_state)
+  add_noise(schedule, x0, noise, i) -> x   x0 noised to the level of step i (img2img, inpainting)
   needs_noise                          True when `step` reads `noise` (ancestral/SDE)
 All per-sample arithmetic is elementwise, so a row band of the latent steps like the whole.
 """
