@@ -3,6 +3,11 @@
     python scripts/benchmark.py --sdxl-shapes                 # full SDXL, abstract shapes only
     python scripts/benchmark.py --model distrifusion_jax/assets/tiny-sdxl --patches 1 2 4 8
     python scripts/benchmark.py --scaling --height 128 --repeats 8   # 1 vs 2 processes, pinned
+    python scripts/benchmark.py --unet-vs-torch --sizes tiny,mid,full  # our UNet vs diffusers'
+
+`--unet-vs-torch`: the single-device UNet forward (fp32, batch 1, `--latent`^2), ours vs diffusers'
+PyTorch on the same random weights and inputs, best of `--unet-repeats`, and a per-op table
+(distrifusion_jax/eval/unet_vs_torch.py; full is ~10 GB a side); JSON results/unet_vs_torch.json.
 
 `--sdxl-shapes`: the full SDXL base UNet at 1024^2, 2048^2, 3840^2, n = 2, 4, 8, batch 2 (CFG
 pair on every device, no CFG split), traced from `jax.eval_shape` params (no weights, nothing
@@ -139,6 +144,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scaling-timeout", type=int, default=1200, help="seconds per run")
     p.add_argument("--rounds", type=int, default=3, help="(--scaling) interleaved repetitions")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--unet-vs-torch", action="store_true", help="our UNet vs diffusers' (above)")
+    p.add_argument("--sizes", default="tiny,mid", help="(--unet-vs-torch) of tiny,mid,full")
+    p.add_argument("--latent", type=int, default=32, help="(--unet-vs-torch) latent size")
+    p.add_argument("--unet-repeats", type=int, default=3, help="(--unet-vs-torch) best of")
     p.add_argument("--target", nargs="+", default=None,
                    help="compile the displaced step for these accelerators without the devices "
                    "(h200x8 h100x8 a100x8 v5e-8 v5p-8; needs .[aot]): memory and overlap")
@@ -152,7 +161,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"{flag}: {e}")
     if args.json is None:
         name = (
-            "scaling"
+            "unet_vs_torch"
+            if args.unet_vs_torch
+            else "scaling"
             if args.scaling
             else "benchmark_sdxl_shapes"
             if args.sdxl_shapes
@@ -186,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
             else args.json, "--timeline", str(REPO / "results" / "aot_timeline.png"),
         ])  # fmt: skip
     t0 = time.perf_counter()
+    if args.unet_vs_torch:  # one real CPU device: no fake devices sharing its threads
+        from distrifusion_jax.eval.unet_vs_torch import print_unet_vs_torch, unet_vs_torch
+
+        res = unet_vs_torch(args.sizes.split(","), (args.latent,) * 2, args.unet_repeats)
+        res["seconds_total"] = time.perf_counter() - t0
+        write_json(args.json, res)
+        print_unet_vs_torch(res)
+        return 0
     # This process's fake CPU devices (cost analysis, model mode); scaling workers set their own.
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")

@@ -143,7 +143,9 @@ def test_encode_on_bands_equals_one_device(pipes, n):
     mean, logvar = pipes(patches=n, mode="full_sync").encode_image(x)
     err = max(np.abs(mean - mean1).max(), np.abs(logvar - logvar1).max())
     print(f"[encode] n={n} max |bands - one device| = {err:.2e}")
-    assert err <= 1e-5
+    # as the decoder's band test (tests/models/test_vae.py): summation order differs per band
+    np.testing.assert_allclose(mean, mean1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logvar, logvar1, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

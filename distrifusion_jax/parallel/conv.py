@@ -3,6 +3,12 @@
 Sync step: `ppermute` this step's own boundary rows to the neighbours and convolve with
 them now (exact). Displaced step: convolve with the neighbours' rows from step t-1 (state
 collection "stale", received at the start of this step) and park this step's rows for t+1.
+
+The convolution itself (`conv2d`) is XLA's, except on CPU where the output has no more pixels
+than channels (`choose_conv`): there it is one GEMM of the k*k shifted copies of the input
+(im2col), 2-5x faster than XLA's CPU convolution at SDXL's 8x8 and 16x16 levels of a 32x32
+latent (jax 0.10; a 3x3 1280 -> 1280 conv on 8x8: 8 ms vs 38 ms), where the kernel, not the
+pixels, is most of the bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +24,45 @@ from distrifusion_jax.parallel.exchange import exchange, send, store
 from distrifusion_jax.parallel.state import STALE
 
 Dtype = Any
+
+
+def choose_conv(backend: str, out_pixels: int, out_channels: int) -> str:
+    """The conv "auto" runs: im2col on CPU when `out_pixels` (B * H_out * W_out) are at most
+    `out_channels` (the patches are no larger than the kernel), else XLA's."""
+    return "im2col" if backend == "cpu" and out_pixels <= out_channels else "xla"
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    stride: int,
+    pads: tuple[tuple[int, int], tuple[int, int]],
+    impl: str = "auto",
+) -> jax.Array:
+    """NHWC `[B, H, W, C]` x HWIO `[k, k, C, F]` -> `[B, H_out, W_out, F]` in fp32.
+
+    `impl`: "xla" (`lax.conv_general_dilated`), "im2col", or "auto" (`choose_conv` on
+    `jax.default_backend()`).
+    """
+    b, h, w, c = x.shape
+    k = kernel.shape[0]
+    ho = (h + sum(pads[0]) - k) // stride + 1
+    wo = (w + sum(pads[1]) - k) // stride + 1
+    if impl == "auto":
+        impl = choose_conv(jax.default_backend(), b * ho * wo, kernel.shape[-1])
+    if impl == "xla":
+        return jax.lax.conv_general_dilated(
+            x, kernel, window_strides=(stride, stride), padding=pads,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32,
+        )  # fmt: skip
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    rows, cols = (ho - 1) * stride + 1, (wo - 1) * stride + 1
+    taps = [xp[:, i : i + rows : stride, j : j + cols : stride] for i in range(k) for j in range(k)]
+    patches = jnp.concatenate(taps, axis=-1) if k > 1 else taps[0]  # [B, Ho, Wo, k*k*C]
+    return jax.lax.dot_general(
+        patches, kernel.reshape(k * k * c, -1), (((3,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
 
 
 def halo_rows(kernel: int, stride: int, pad: int, h: int) -> tuple[int, int]:
@@ -67,14 +112,7 @@ class PatchConv(nn.Module):
         else:
             x = self._with_halo(x, ctx)
             pads = ((0, 0), (p, p))
-        y = jax.lax.conv_general_dilated(
-            x,
-            kernel.astype(self.dtype),
-            window_strides=(s, s),
-            padding=pads,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            preferred_element_type=jnp.float32,
-        )
+        y = conv2d(x, kernel.astype(self.dtype), s, pads)  # fp32
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(jnp.float32)

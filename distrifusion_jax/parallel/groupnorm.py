@@ -43,14 +43,28 @@ def group_moments(x: jax.Array, num_groups: int) -> jax.Array:
     Corrected two-pass: the first mean `m` carries the sum's rounding (relative to the mean,
     not the spread); the deviations' mean `d` recovers it, so mean = m + d and
     var = E (x - m)^2 - d^2 are accurate to the input's own rounding, as torch's.
+
+    Speed (XLA's CPU backend, jax 0.10): sums run over the pixels first, per channel
+    (`[B, H*W, C] -> [B, C]`, contiguous rows), then over each group's channels, rather than
+    over the strided `(H*W, C/G)` axes at once. The two second-pass sums each subtract `m`
+    themselves: from one shared `x - m`, XLA writes the deviations to memory and reads them
+    back twice (the barrier keeps the subtractions apart, so each fuses into its reduction).
+    With the per-channel normalization below, PatchGroupNorm runs 3.5x faster at
+    `[2, 128, 128, 320]` (23 -> 6.6 ms) and 1.6x at `[2, 64, 64, 640]` on 2 cores.
     """
     b, h, w, c = x.shape
-    xg = x.astype(jnp.float32).reshape(b, h * w, num_groups, c // num_groups)
-    m = jnp.mean(xg, axis=(1, 3), keepdims=True)  # [B, 1, G, 1]
-    dev = xg - m
-    d = jnp.mean(dev, axis=(1, 3))  # [B, G]
-    var = jnp.mean(jnp.square(dev), axis=(1, 3)) - jnp.square(d)
-    return jnp.stack([m[:, 0, :, 0] + d, var])
+    n = h * w * (c // num_groups)
+    xr = x.astype(jnp.float32).reshape(b, h * w, c)  # [B, H*W, C]
+
+    def group_sum(y: jax.Array) -> jax.Array:  # [B, H*W, C] -> [B, G]
+        return jnp.sum(y, axis=1).reshape(b, num_groups, c // num_groups).sum(-1)
+
+    m = group_sum(xr) / n  # [B, G]
+    mc = jnp.repeat(m, c // num_groups, axis=1)[:, None, :]  # [B, 1, C]
+    m1, m2 = jax.lax.optimization_barrier((mc, mc))
+    d = group_sum(xr - m1) / n
+    var = group_sum(jnp.square(xr - m2)) / n - jnp.square(d)
+    return jnp.stack([m + d, var])
 
 
 def combine(moments: jax.Array) -> jax.Array:
@@ -90,7 +104,7 @@ class PatchGroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
+        b, c = x.shape[0], x.shape[-1]
         g = self.num_groups
         if c % g:
             raise ValueError(f"GroupNorm: {c} channels are not divisible by {g} groups.")
@@ -98,11 +112,12 @@ class PatchGroupNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         local = group_moments(x, g)  # [2, B, G]
         mean, var = self._combine(local)
-        xg = x.astype(jnp.float32).reshape(b, h, w, g, c // g)
-        y = (xg - mean[:, None, None, :, None]) * jax.lax.rsqrt(
-            var[:, None, None, :, None] + self.epsilon
-        )
-        y = y.reshape(b, h, w, c) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        # One pass, per channel: (x - mean) * (rsqrt(var + eps) * scale) + bias, with the
+        # group statistics repeated over the group's channels ([B, 1, 1, C] operands; a
+        # [B, H, W, G, C/G] broadcast instead runs 1.5x slower on XLA's CPU backend).
+        per_channel = lambda a: jnp.repeat(a, c // g, axis=1).reshape(b, 1, 1, c)
+        gain = per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale.astype(jnp.float32)
+        y = (x.astype(jnp.float32) - per_channel(mean)) * gain + bias.astype(jnp.float32)
         return y.astype(self.dtype)
 
     def _combine(self, local: jax.Array) -> tuple[jax.Array, jax.Array]:
