@@ -4,6 +4,7 @@
     python scripts/benchmark.py --model distrifusion_jax/assets/tiny-sdxl --patches 1 2 4 8
     python scripts/benchmark.py --scaling --height 128 --repeats 8   # 1 vs 2 processes, pinned
     python scripts/benchmark.py --unet-vs-torch --sizes tiny,mid,full  # our UNet vs diffusers'
+    python scripts/benchmark.py --startup    # generate.py waits: cold/warm cache, 10 prompts
 
 `--unet-vs-torch`: the single-device UNet forward (fp32, batch 1, `--latent`^2), ours vs diffusers'
 PyTorch on the same random weights and inputs, best of `--unet-repeats`, and a per-op table
@@ -145,6 +146,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="(--scaling) interleaved repetitions")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--unet-vs-torch", action="store_true", help="our UNet vs diffusers' (above)")
+    p.add_argument("--startup", action="store_true", help="generate.py waits (eval/startup.py)")
     p.add_argument("--sizes", default="tiny,mid", help="(--unet-vs-torch) of tiny,mid,full")
     p.add_argument("--latent", type=int, default=32, help="(--unet-vs-torch) latent size")
     p.add_argument("--unet-repeats", type=int, default=3, help="(--unet-vs-torch) best of")
@@ -160,15 +162,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except ValueError as e:
             p.error(f"{flag}: {e}")
     if args.json is None:
-        name = (
-            "unet_vs_torch"
-            if args.unet_vs_torch
-            else "scaling"
-            if args.scaling
-            else "benchmark_sdxl_shapes"
-            if args.sdxl_shapes
-            else ("benchmark")
-        )
+        flags = ["unet_vs_torch", "startup", "scaling", "sdxl_shapes"]
+        name = next((f for f in flags if getattr(args, f)), "benchmark")
+        name = "benchmark_sdxl_shapes" if name == "sdxl_shapes" else name
         args.json = str(REPO / "results" / f"{name}.json")
     return args
 
@@ -197,6 +193,15 @@ def main(argv: list[str] | None = None) -> int:
             else args.json, "--timeline", str(REPO / "results" / "aot_timeline.png"),
         ])  # fmt: skip
     t0 = time.perf_counter()
+    if args.startup:  # fresh generate.py processes on the shipped model
+        from distrifusion_jax.eval.startup import measure, table
+        from distrifusion_jax.tiny import MODEL_DIR
+        from distrifusion_jax.tiny.fashion_mnist import PROMPTS
+
+        res = measure(MODEL_DIR, PROMPTS)
+        write_json(args.json, res)
+        print(table(res))
+        return 0
     if args.unet_vs_torch:  # one real CPU device: no fake devices sharing its threads
         from distrifusion_jax.eval.unet_vs_torch import print_unet_vs_torch, unet_vs_torch
 
