@@ -17,6 +17,7 @@ PKG = ROOT / "distrifusion_jax"
 
 # Bottom to top. A module may import its own subpackage and anything on a lower layer only.
 LAYERS = [
+    ["platform"],
     ["parallel", "compile_cache"],
     ["models", "sampling"],
     ["io", "prompt"],

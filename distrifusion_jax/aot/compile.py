@@ -29,6 +29,7 @@ from distrifusion_jax.parallel import ParallelConfig
 from distrifusion_jax.parallel.mesh import make_mesh
 from distrifusion_jax.parallel.state import state_shapes
 from distrifusion_jax.parallel.step import STATE_SPEC, cond_spec, latent_spec, make_step
+from distrifusion_jax.platform import traced_for
 from distrifusion_jax.sampling import scheduler_from_config
 from distrifusion_jax.sampling.sample import make_sampler
 
@@ -124,7 +125,8 @@ def compile_step(
     state = _placed(state_shapes(sync, params, {}, latents, scalar, cond, scalar), mesh, STATE_SPEC)
     step = make_step(model, parallel, mesh, displaced=True, donate_state=True)
     t0 = time.perf_counter()
-    lowered = step.lower(params, state, latents, scalar, cond, scalar)
+    with traced_for(_platform(target, devices)):
+        lowered = step.lower(params, state, latents, scalar, cond, scalar)
     compiled = _compile(lowered, target, compiler_options)
     return Compiled("step", compiled, time.perf_counter() - t0)
 
@@ -150,9 +152,15 @@ def compile_sampler(
     sched = scheduler_from_config(scheduler_config, "euler")
     sample = make_sampler(model, sched, steps, parallel, mesh)
     t0 = time.perf_counter()
-    lowered = sample.lower(params, latents, cond, scalar, key)
+    with traced_for(_platform(target, devices)):
+        lowered = sample.lower(params, latents, cond, scalar, key)
     compiled = _compile(lowered, target, compiler_options)
     return Compiled("sampler", compiled, time.perf_counter() - t0)
+
+
+def _platform(target: Target | None, devices: list) -> str:
+    """The platform the program is for: the target's, else its devices'."""
+    return target.platform if target is not None else devices[0].platform
 
 
 def _compile(lowered, target: Target | None, options: dict[str, str] | None):

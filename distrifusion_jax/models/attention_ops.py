@@ -20,7 +20,7 @@
   level are large: at 3840^2 on 8 bands 7,200 queries x 57,600 keys x 10 heads, 16.6 GB in
   fp32 per image; chunked never holds them.
 
-`impl="auto"` picks by backend (`choose_impl`; the backend is `jax.default_backend()` when the
+`impl="auto"` picks by backend (`choose_impl`; the backend is `platform.trace_platform()` when the
 function is traced): "blocked" on CPU, else "chunked" when the logits of one call exceed
 `AUTO_CHUNK_BYTES` and "xla" below. The environment variable `DISTRIFUSION_ATTENTION`
 (`xla`, `chunked`, `blocked`) overrides "auto", for tests and before/after benchmarks.
@@ -33,6 +33,8 @@ import os
 
 import jax
 import jax.numpy as jnp
+
+from distrifusion_jax.platform import trace_platform
 
 IMPLS = ("auto", "xla", "chunked", "blocked")
 ENV = "DISTRIFUSION_ATTENTION"  # forces the implementation "auto" would pick
@@ -70,7 +72,7 @@ def attention(
     b, length, h, _ = q.shape
     s = k.shape[1]
     if impl == "auto":
-        impl = os.environ.get(ENV) or choose_impl(jax.default_backend(), 4 * b * h * length * s)
+        impl = os.environ.get(ENV) or choose_impl(trace_platform(), 4 * b * h * length * s)
         if impl not in IMPLS[1:]:
             raise ValueError(f"{ENV}={impl!r}; choose one of {list(IMPLS[1:])}.")
     if impl == "blocked" and (mask is None or mask.shape[-2] == 1):

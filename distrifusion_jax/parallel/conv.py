@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from distrifusion_jax.parallel.config import PatchContext
 from distrifusion_jax.parallel.exchange import exchange, send, store
 from distrifusion_jax.parallel.state import STALE
+from distrifusion_jax.platform import trace_platform
 
 Dtype = Any
 
@@ -42,14 +43,14 @@ def conv2d(
     """NHWC `[B, H, W, C]` x HWIO `[k, k, C, F]` -> `[B, H_out, W_out, F]` in fp32.
 
     `impl`: "xla" (`lax.conv_general_dilated`), "im2col", or "auto" (`choose_conv` on
-    `jax.default_backend()`).
+    `platform.trace_platform()`).
     """
     b, h, w, c = x.shape
     k = kernel.shape[0]
     ho = (h + sum(pads[0]) - k) // stride + 1
     wo = (w + sum(pads[1]) - k) // stride + 1
     if impl == "auto":
-        impl = choose_conv(jax.default_backend(), b * ho * wo, kernel.shape[-1])
+        impl = choose_conv(trace_platform(), b * ho * wo, kernel.shape[-1])
     if impl == "xla":
         return jax.lax.conv_general_dilated(
             x, kernel, window_strides=(stride, stride), padding=pads,
