@@ -71,9 +71,6 @@ class TextEncoder:
                 )
         return np.asarray(ids.input_ids, np.int32)
 
-    def __call__(self, ids: jax.Array):
-        return self.module.apply({"params": self.params}, ids)
-
     @functools.cached_property
     def features(self):
         """Jitted `(params, ids [B, 77], penultimate) -> (hidden [B, 77, D], pooled [B, P] or
