@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distrifusion_jax import __version__
-from distrifusion_jax.io import components, single_file
+from distrifusion_jax.io import components, param_shapes, single_file
 from distrifusion_jax.io.keys import ConversionError, flatten, mismatch_message, unflatten
 from distrifusion_jax.io.weights import open_weights
 
@@ -259,7 +259,8 @@ def load_component(
         raw = components.read_config(folder)
         module = comp.make(raw, dtype)
         if (folder / PARAMS).is_dir():
-            return module, restore_params(folder / PARAMS, target=comp.target(module))
+            target = param_shapes.expected_params(comp, module, raw, dtype)
+            return module, restore_params(folder / PARAMS, target=target)
         with open_weights(folder, variant=variant, allow_pickle=allow_pickle) as source:
             params = components.convert_params(source, comp, module)
     return module, _device_put(params)
