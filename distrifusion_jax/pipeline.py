@@ -4,6 +4,10 @@
     images = pipe("an astronaut riding a horse", num_inference_steps=50)
     images = pipe("a red horse", image="horse.png", strength=0.5)           # img2img
     images = pipe("a cat", image="room.png", mask_image="mask.png")          # inpainting
+    pipe.load_controlnets(["path/to/controlnet-canny"])                      # ControlNet
+    images = pipe("a bird", control_image="edges.png", controlnet_conditioning_scale=0.5)
+    pipe = DistriSDXLPipeline.from_pretrained(base, refiner=refiner_path)     # base -> refiner
+    images = pipe("a lion", denoising_end=0.8)                               # (`refiner.py`)
 
 Image-to-image and inpainting follow diffusers' `StableDiffusionXLImg2ImgPipeline` /
 `StableDiffusionXLInpaintPipeline` (and the SD 1.x/2.x ones): the image is VAE-encoded on row
@@ -29,6 +33,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from distrifusion_jax import control
 from distrifusion_jax.io.checkpoint import load_component
 from distrifusion_jax.io.images import (
     ImageInput,
@@ -43,6 +48,13 @@ from distrifusion_jax.parallel.config import ParallelConfig
 from distrifusion_jax.parallel.mesh import make_mesh, to_global, to_host
 from distrifusion_jax.parallel.step import cond_spec, latent_spec, make_decode, make_encode
 from distrifusion_jax.prompt import TextEncoder, encode_prompts, load_clip_tokenizer
+from distrifusion_jax.refiner import (
+    AESTHETIC_SCORE,
+    NEGATIVE_AESTHETIC_SCORE,
+    Refiner,
+    expert_steps,
+    is_refiner_folder,
+)
 from distrifusion_jax.sampling import scheduler_from_config
 from distrifusion_jax.sampling.sample import (
     StepTime,
@@ -94,6 +106,8 @@ class DistriSDXLPipeline:
     _compiled: dict = dataclasses.field(default_factory=dict)
     loras: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # set_loras
     _base: dict = dataclasses.field(default_factory=dict)  # what set_loras merges into
+    refiner: Refiner | None = None  # load_refiner: the low-noise expert
+    controlnets: list[control.ControlNet] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_pretrained(
@@ -102,6 +116,7 @@ class DistriSDXLPipeline:
         parallel: ParallelConfig | None = None,
         dtype: Any = jnp.float32,
         mesh: Any = None,
+        refiner: str | Path | None = None,
         **load_kw: Any,
     ) -> DistriSDXLPipeline:
         """Load every component of a diffusers or converted folder.
@@ -113,12 +128,19 @@ class DistriSDXLPipeline:
           dtype: params and activations of the UNet and text encoders (the VAE stays fp32 when
             its config says `force_upcast` and dtype is float16).
           mesh: an existing mesh (default `make_mesh(parallel)`).
+          refiner: an SDXL refiner folder run after this base (see `load_refiner`).
           load_kw: passed to `load_component` (e.g. `variant="fp16"`).
         """
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(
                 f"model folder {root} does not exist; pass a diffusers or converted model folder"
+            )
+        if is_refiner_folder(root):
+            raise ValueError(
+                f"{root} is an SDXL refiner (text_encoder_2 only, aesthetic-score time ids), not "
+                f"a base model; pass a base model folder as the model and this one as the "
+                f"refiner (generate.py --refiner PATH, from_pretrained(..., refiner=PATH))"
             )
         for need in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if not (root / need).is_dir():
@@ -138,7 +160,7 @@ class DistriSDXLPipeline:
         index_path = root / "model_index.json"
         index = json.loads(index_path.read_text()) if index_path.is_file() else {}
         mesh = mesh if mesh is not None else make_mesh(parallel)
-        return cls(
+        pipe = cls(
             unet=unet,
             unet_params=to_global(unet_params, mesh, P()),
             vae=vae,
@@ -149,6 +171,26 @@ class DistriSDXLPipeline:
             mesh=mesh,
             force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
         )
+        if refiner is not None:
+            pipe.load_refiner(refiner, dtype, **load_kw)
+        return pipe
+
+    def load_refiner(self, path: str | Path, dtype: Any = None, **load_kw: Any) -> None:
+        """Load an SDXL refiner onto this pipeline's mesh: calls then run this base for the
+        high-noise steps and the refiner for the rest (`denoising_end`, default 0.8)."""
+        if not self.is_sdxl:
+            raise ValueError(
+                "a refiner continues an SDXL base; this model is SD 1.x/2.x (no text/time "
+                "conditioning): pass an SDXL base model"
+            )
+        dtype = dtype if dtype is not None else self.unet.dtype
+        refiner = Refiner.from_pretrained(path, self.mesh, dtype, **load_kw)
+        if refiner.unet.config.in_channels != self.unet.config.out_channels:
+            raise ValueError(
+                f"the refiner's UNet takes {refiner.unet.config.in_channels} channels but the "
+                f"base makes {self.unet.config.out_channels}; pass a refiner for this base"
+            )
+        self.refiner = refiner
 
     @property
     def is_sdxl(self) -> bool:
@@ -209,6 +251,15 @@ class DistriSDXLPipeline:
         mask_image: ImageInput | None = None,
         strength: float | None = None,
         posterior: str = "sample",
+        denoising_end: float | None = None,
+        denoising_start: float | None = None,
+        aesthetic_score: float = AESTHETIC_SCORE,
+        negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
+        control_image: ImageInput | Sequence[ImageInput] | None = None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
     ) -> list[Image.Image]:
         """Generate `num_images` images per prompt; returns PIL images (on every process).
 
@@ -220,6 +271,15 @@ class DistriSDXLPipeline:
         `strength` in (0, 1] (default `default_strength`): the share of the steps run.
         `posterior`: "sample" draws the image latents from the VAE posterior (seeded, as
         diffusers), "mean" takes its mean (diffusers' `sample_mode="argmax"`).
+        `denoising_end` in (0, 1): the base stops where that share of the noise levels is
+        denoised (diffusers' name); with a refiner loaded (default 0.8) the refiner takes over
+        from `denoising_start` (default `denoising_end`), conditioned on `aesthetic_score` and
+        `negative_aesthetic_score` (SDXL refiner); without one the latents are returned as they
+        are (decoded by `__call__`).
+        `control_image` (one per ControlNet of `load_controlnets`, PIL or path; resized to the
+        output): ControlNet conditioning as diffusers' ControlNet pipelines, with
+        `controlnet_conditioning_scale`, `control_guidance_start`/`_end` (shares of the steps in
+        which each ControlNet acts; a value or one per ControlNet) and `guess_mode`.
         """
         latents = self.generate_latents(
             prompt,
@@ -240,6 +300,15 @@ class DistriSDXLPipeline:
             mask_image,
             strength,
             posterior,
+            denoising_end=denoising_end,
+            denoising_start=denoising_start,
+            aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
+            control_image=control_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end,
+            guess_mode=guess_mode,
         )
         return self.decode(latents)
 
@@ -263,6 +332,15 @@ class DistriSDXLPipeline:
         mask_image=None,
         strength=None,
         posterior="sample",
+        denoising_end=None,
+        denoising_start=None,
+        aesthetic_score=AESTHETIC_SCORE,
+        negative_aesthetic_score=NEGATIVE_AESTHETIC_SCORE,
+        control_image=None,
+        controlnet_conditioning_scale=1.0,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
+        guess_mode=False,
     ) -> jax.Array:
         """Like `__call__` but returns the final latents `[B, h, w, C]` (a global array)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -314,6 +392,12 @@ class DistriSDXLPipeline:
         self._check_channels(lat_shape[-1], mask_image is not None)
         pc.check_shapes(lat_shape[1:3], self.unet.config.num_downsamplers, batch=lat_shape[0])
         sched = self.scheduler(scheduler)
+        end, begin = expert_steps(
+            sched, self.refiner, scheduler, num_inference_steps, first, denoising_end,
+            denoising_start,
+        )  # fmt: skip
+        if begin is not None:
+            self._check_refiner(lat_shape, mask_image is not None)
 
         t0 = time.perf_counter()
         time_ids = None
@@ -333,6 +417,11 @@ class DistriSDXLPipeline:
             self.force_zeros_for_empty_prompt,
         )
         cond = to_global(jax.device_get(cond), self.mesh, cond_spec(pc))
+        if begin is not None:
+            refiner_cond = self.refiner.cond(
+                prompts, negs, guided, (height, width), self.mesh, pc, original_size,
+                crops_coords_top_left, target_size, aesthetic_score, negative_aesthetic_score,
+            )  # fmt: skip
         key = jax.random.PRNGKey(seed)
         noise_key, step_key = jax.random.split(key)
         if noise is None:
@@ -350,21 +439,32 @@ class DistriSDXLPipeline:
                 image, mask_image, lat_shape, strength, posterior, image_key
             )
             cond_image = to_global(cond_image, self.mesh, spec)
+        model, params, signature = self.unet, self.unet_params, None
+        if control_image is not None or self.controlnets:
+            ctl = self._control_inputs(
+                control_image, height, width, len(prompts), num_inference_steps, guided,
+                controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                guess_mode,
+            )  # fmt: skip
+            model, params, signature = ctl.model, ctl.params, ctl.signature()
+            cond = {**cond, "control_scales": to_global(ctl.scales, self.mesh, cond_spec(pc))}
+            cond_image = {**cond_image, "control": to_global(ctl.images, self.mesh, spec)}
         self.timings = Timings(encode=time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        cache_key = (num_inference_steps, scheduler, progress is not None, first)
+        cache_key = (num_inference_steps, scheduler, progress is not None, first, end, signature)
         if cache_key not in self._compiled:
             build = make_stepper if progress is not None else make_sampler
             self._compiled[cache_key] = build(
-                self.unet, sched, num_inference_steps, pc, self.mesh, first_step=first
-            )
+                model, sched, num_inference_steps, pc, self.mesh, first_step=first,
+                last_step=end,
+            )  # fmt: skip
         driver = self._compiled[cache_key]
         if progress is None:
-            latents = driver(self.unet_params, noise, cond, guidance_scale, step_key, cond_image)
+            latents = driver(params, noise, cond, guidance_scale, step_key, cond_image)
         else:
             latents = driver.run(
-                self.unet_params,
+                params,
                 noise,
                 cond,
                 guidance_scale,
@@ -373,9 +473,48 @@ class DistriSDXLPipeline:
                 times=self.timings.step_times,
                 image=cond_image,
             )
+        if begin is not None:  # the hand-off: the base's latents, still split by rows
+            refiner_key = to_global(np.asarray(jax.random.fold_in(key, 3)), self.mesh, P())
+            latents = self.refiner.denoise(
+                latents, refiner_cond, guidance_scale, refiner_key, num_inference_steps, begin,
+                pc, self.mesh, scheduler, progress, self.timings.step_times,
+            )  # fmt: skip
         latents.block_until_ready()
         self.timings.denoise = time.perf_counter() - t0
         return latents
+
+    def load_controlnets(
+        self, paths: Sequence[str | Path], dtype: Any = None, **load_kw: Any
+    ) -> None:
+        """Load ControlNet folders (diffusers or converted), replacing any loaded before; calls
+        then need one `control_image` per ControlNet (`[]`: none, plain generation)."""
+        dtype = dtype if dtype is not None else self.unet.dtype
+        self.controlnets = [
+            control.load_controlnet(path, dtype, self.mesh, **load_kw) for path in paths
+        ]
+
+    def _control_inputs(
+        self, images, height, width, batch, steps, guided, scale, start, end, guess_mode
+    ) -> control.ControlInputs:
+        """The ControlledUNet, its params and host arrays for one call (see `control.py`)."""
+        if images is None:
+            raise ValueError(
+                f"{len(self.controlnets)} ControlNet(s) loaded: pass control_image (one per "
+                "ControlNet), or load_controlnets([]) for plain generation."
+            )
+        return control.prepare(
+            self.unet, self.unet_params, self.controlnets, images, height, width, batch, steps,
+            guided, self.vae_scale_factor, scale, start, end, guess_mode,
+        )  # fmt: skip
+
+    def _check_refiner(self, lat_shape: tuple[int, ...], inpaint: bool) -> None:
+        """Before any work: the refiner can take this latent (its own downsampling count)."""
+        if inpaint:
+            raise ValueError(
+                "inpainting with a refiner is not supported; drop the mask or the refiner"
+            )
+        cfg = self.refiner.unet.config
+        self.parallel.check_shapes(lat_shape[1:3], cfg.num_downsamplers, batch=lat_shape[0])
 
     def _check_channels(self, latent_channels: int, inpaint: bool) -> None:
         """A 4-channel UNet, or with a mask a 9-channel inpainting UNet (latents, mask,

@@ -104,6 +104,7 @@ def encode_prompts(
     sdxl: bool,
     time_ids: Sequence[float] | None = None,
     force_zeros_for_empty_prompt: bool = True,
+    negative_time_ids: Sequence[float] | None = None,
 ) -> dict[str, jax.Array]:
     """Conditioning with a leading CFG axis: `[G, B, ...]`, G = 2 (uncond, cond) when guided.
 
@@ -114,7 +115,10 @@ def encode_prompts(
         zero embeddings; otherwise the empty prompt).
       guided: classifier-free guidance (guidance scale > 1).
       sdxl: penultimate hidden states and pooled/time-id conditioning.
-      time_ids: 6 numbers (original H, W, crop top, left, target H, W); SDXL only.
+      time_ids: 6 numbers (original H, W, crop top, left, target H, W); SDXL only. An SDXL
+        refiner takes 5: original H, W, crop top, left, aesthetic score.
+      negative_time_ids: the unconditional half's time ids when guided (default `time_ids`;
+        the refiner's differ in the aesthetic score).
     """
     b = len(prompts)
     cond_h, cond_p = _encode(encoders, prompts, sdxl)
@@ -129,6 +133,7 @@ def encode_prompts(
     out = {"encoder_hidden_states": jnp.stack(hs).astype(jnp.float32)}
     if sdxl:
         out["text_embeds"] = jnp.stack(pools).astype(jnp.float32)
-        ids = jnp.asarray(time_ids, jnp.float32)
-        out["time_ids"] = jnp.broadcast_to(ids, (len(hs), b, ids.shape[0]))
+        ids = [time_ids] if not guided else [negative_time_ids or time_ids, time_ids]
+        ids = jnp.asarray(ids, jnp.float32)  # [G, K]
+        out["time_ids"] = jnp.broadcast_to(ids[:, None], (len(hs), b, ids.shape[1]))
     return out

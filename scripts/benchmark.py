@@ -48,7 +48,8 @@ float, "exchanged_bytes": float, "analytic_elements": {layer kind: float}, "stat
 "projected_speedup_sync": float, "paper_speedup": float | null; for model
 "compiled_exchange": {"elements", "bytes", "calls", "by_op"}, "peak_bytes": int | null,
 "compile_and_first_steps_seconds": float, "median_step_seconds": float,
-"end_to_end_seconds": float, "speedup_vs_1": float}]}.
+"end_to_end_seconds": float, "speedup_vs_1": float, "vae": {"encode" | "decode": the same
+three exchange counts of the band-parallel VAE, one image}}]}.
 
 `--scaling`: real multi-process scaling on this CPU. The same generation (one prompt, CFG pair,
 `--height` x `--width`, default 128^2, DDIM) runs as 1 process with 1 CPU device, then as 2
@@ -66,9 +67,10 @@ of each of the three jitted step functions (steps 0, 1, w+1) compiles (the step 
 which did) and is reported apart.
 The step time is the median over the other displaced steps (`--repeats` per run) of the slower
 process, pooled over `--rounds` interleaved repetitions of all runs; the median of the steady
-synchronous steps (2..w) is reported too. The shipped tiny model's VAE factor is 1, so 128 px
-is a 128^2 latent with 4096-token self-attention (~1.5-2 s per step on one core; 256 px is
-~70 s per step, its 16k-token attention being memory-bound).
+synchronous steps (2..w) is reported too. The shipped tiny model's VAE factor is 2 (it was 1
+until issue 19, when the measurements in results/README.md were taken at 128 px), so 256 px is
+a 128^2 latent with 4096-token self-attention (~1.5-2 s per step on one core; a 256^2 latent
+is ~70 s per step, its 16k-token attention being memory-bound).
 JSON (`--json`, default results/scaling.json): {"kind": "scaling", "model": str,
 "height": int, "width": int, "batch": 2, "scheduler": str, "warmup_steps": int, "steps": int,
 "repeats": int, "rounds": int, "cores": [int], "cpu_count": int,

@@ -2,15 +2,20 @@
 
     apt-get install -y dataset-fashion-mnist          # once (root; `apt-get update` first)
     python scripts/make_clip_tokenizer.py             # once: tokenizer/, tokenizer_2/
-    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
-        taskset -c 1 python scripts/train_tiny.py     # ~57 min on one CPU core
+    python scripts/train_tiny.py                      # from scratch (see below)
+    python scripts/train_tiny.py --from-model PREV --unet-steps 600 --unet-lr 3e-4
+                                                      # the shipped model (~70 min, loaded CPU)
 
 Data: Fashion-MNIST (Debian `dataset-fashion-mnist`, MIT), 28x28 padded to 32x32 (black
-border), gray replicated to RGB, prompts "a photo of a <class>". Everything is JAX + optax on
-the project's own Flax models, in four phases (`distrifusion_jax/tiny/recipe.py`):
-  1. classifier (a small CNN, for the conditioning test) on real images;
-  2. AutoencoderKL with one level (downsampling factor 1: 32x32 image -> 32x32x4 latent, so the
-     latent has 32 rows and n = 8 row bands are possible), then frozen;
+border), nearest-upscaled to 64x64 (each pixel a 2x2 block) for the VAE, gray replicated to RGB,
+prompts "a photo of a <class>". Everything is JAX + optax on the project's own Flax models.
+From scratch, four phases (`distrifusion_jax/tiny/recipe.py:train_and_save`):
+  1. classifier (a small CNN on 32x32, for the conditioning test; 64x64 images are 2x2-pooled)
+     on real images;
+  2. AutoencoderKL with two levels (downsampling factor 2, as SDXL's 8: 64x64 image -> 32x32x4
+     latent, so the latent has 32 rows, n = 8 row bands are possible and band-parallel decoding
+     runs the upsampler), half of each batch decoded from noisy latents (`train_vae`: what makes
+     the decoder draw clean gray images from imperfect UNet latents), then frozen;
   3. both CLIP text encoders (real 49,408-token vocabulary, hidden 32): a short phase pushes the
      11 prompts' conditioning apart (`separate_prompts`), then they are frozen. (Random text
      encoders give the prompts cosine similarity 0.97-0.99 and a UNet that ignores the class:
@@ -19,13 +24,20 @@ the project's own Flax models, in four phases (`distrifusion_jax/tiny/recipe.py`
      conditioning: epsilon objective on SDXL's scaled_linear schedule, min-SNR-5 weighting, 10%
      condition dropout (half the empty prompt "", half zero embeddings as diffusers'
      force_zeros_for_empty_prompt), EMA shipped.
+The from-scratch path with the two-level VAE has not been run to the end (the shipped model's
+first run, commit 7ea2f96, used a one-level VAE: ~57 min, `--unet-stop 1564`). The shipped
+model is that run retrofitted (`--from-model`, `recipe.retrofit_and_save`): its classifier,
+text encoders and UNet are kept, a two-level VAE is trained into its VAE's latent space (the
+teacher), and the UNet continues `--unet-steps` steps on the teacher's latents at the new
+64 px time ids.
 Then it writes the model in the converted format (`distrifusion-convert` layout, float16 params),
 samples a grid with `distrifusion_jax.tiny.samples.generate_images` (the library pipeline:
-Euler, CFG) into results/tiny_model_samples.png, and classifies the samples. Seeded: the same
-flags give the same weights, unless the wall-clock guard (--unet-minutes) stops the UNet early,
-which training.json records; `--unet-stop K` replays such a run (the shipped model: the guard
-stopped it at step 1564 of 1700, so `--unet-stop 1564 --unet-minutes 1e9` reproduces it on any
-machine). `--sample-only` redraws the grid and the accuracy from the saved model.
+Euler, CFG) into results/tiny_model_samples.png, classifies the samples and measures how clean
+they are (`tiny/check.py`, as `scripts/check_tiny.py`). Seeded: the same flags give the
+same weights on the same machine and XLA thread settings. The wall-clock guard `--unet-minutes`
+and `--unet-stop-file` (both off by default) would stop the UNet early, which training.json
+records; `--unet-stop K` replays such a run. `--sample-only` redraws the grid, the accuracy and
+the checks from the saved model.
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ import time
 from pathlib import Path
 
 from distrifusion_jax.tiny import MODEL_DIR
-from distrifusion_jax.tiny.recipe import log, train_and_save
+from distrifusion_jax.tiny.recipe import log, retrofit_and_save, train_and_save
 from distrifusion_jax.tiny.samples import sample_and_report
 from distrifusion_jax.tiny.train import TrainOptions
 
@@ -61,6 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--classifier-epochs", type=int, default=d.classifier_epochs)
     p.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    p.add_argument("--vae-batch", type=int, default=d.vae_batch)
+    p.add_argument(
+        "--vae-latent-noise",
+        type=float,
+        default=d.vae_latent_noise,
+        help="half of each VAE batch is decoded from latents with noise up to this many stds",
+    )
     p.add_argument(
         "--encode-images", type=int, default=d.encode_images, help="train images encoded"
     )
@@ -77,10 +96,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stop after this step, the schedule still planned for --unet-steps "
         "(replay a guard-stopped run: the shipped model is --unet-stop 1564)",
     )
+    p.add_argument(
+        "--unet-stop-file", default=d.unet_stop_file, help="stop the UNet once this file exists"
+    )
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--grid-seeds", type=int, default=8)
     p.add_argument("--sample-only", action="store_true", help="skip training: resample the grid")
+    p.add_argument(
+        "--from-model",
+        default=None,
+        help="retrofit: keep this trained model's latent space, classifier, text encoders and "
+        "UNet (continued for --unet-steps); train only the new VAE (recipe.retrofit_and_save)",
+    )
     p.add_argument("--smoke", action="store_true", help="a few steps of everything (~4 min)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -108,7 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     t_start = time.time()
     opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
-    report = train_and_save(out, opts, smoke=args.smoke)
+    if args.from_model:
+        report = retrofit_and_save(out, Path(args.from_model), opts)
+    else:
+        report = train_and_save(out, opts, smoke=args.smoke)
     report = sample_and_report(out, report, **sampling)
     report["wall_seconds"] = round(time.time() - t_start, 1)
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -27,6 +27,10 @@ def test_model_mode_rows(tiny_sdxl, capsys):
         assert sum(r["analytic_elements"].values()) == r["exchanged_elements"]
         assert r["state_bytes"] > 0 and r["peak_bytes"] > 0
         assert r["median_step_seconds"] > 0 and r["end_to_end_seconds"] > 0
+        for name, v in r["vae"].items():  # the band-parallel VAE: encode and decode
+            assert v["compiled_exchange"]["elements"] == v["exchanged_elements"] > 0, name
+            assert sum(v["analytic_elements"].values()) == v["exchanged_elements"], name
+    assert all(v["exchanged_elements"] == 0 for v in one["vae"].values())
     res = {
         "model": "tiny",
         "steps": 5,
@@ -38,7 +42,23 @@ def test_model_mode_rows(tiny_sdxl, capsys):
         "rows": rows,
     }
     print_model_table(res)
-    assert "HLO k el" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "HLO k el" in out and " encode " in out and " decode " in out
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_vae_exchange_three_counts_agree(tiny_sdxl, n):
+    """The VAE encode and decode on n row bands: jaxpr, compiled HLO and formula agree."""
+    from distrifusion_jax.eval.benchmark_model import vae_rows
+    from distrifusion_jax.parallel import ParallelConfig
+    from distrifusion_jax.pipeline import DistriSDXLPipeline
+
+    pipe = DistriSDXLPipeline.from_pretrained(tiny_sdxl.root, parallel=ParallelConfig(patches=n))
+    for name, v in vae_rows(pipe, 64, 64).items():
+        formula = sum(v["analytic_elements"].values())
+        print(f"[vae {name}] n={n}: jaxpr {v['exchanged_elements']:.0f} HLO "
+              f"{v['compiled_exchange']['elements']:.0f} formula {formula:.0f} elements")  # fmt: skip
+        assert v["compiled_exchange"]["elements"] == v["exchanged_elements"] == formula > 0
 
 
 @pytest.mark.slow

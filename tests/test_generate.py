@@ -62,6 +62,8 @@ def test_writes_png_with_metadata(tiny_sdxl, tmp_path, capsys):
         (["--mode", "full_sync", "--cfg-split", "--guidance", "1.0"], "guidance"),
         (["--pcpp", "1.5"], "0 <= p <= 1"),
         (["--mode", "full_sync", "--patches", "2", "--pcpp"], "displaced"),
+        (["--patches", "2", "--compress", "int3"], "unknown compress codec"),
+        (["--mode", "full_sync", "--patches", "2", "--compress", "int8"], "sends nothing"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
 )

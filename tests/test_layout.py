@@ -21,6 +21,7 @@ LAYERS = [
     ["parallel", "compile_cache"],
     ["models", "sampling"],
     ["io", "prompt"],
+    ["refiner", "control"],  # the SDXL refiner expert; ControlNets with their images
     ["pipeline"],
     ["eval"],
     ["aot", "tiny"],

@@ -18,6 +18,7 @@ from distrifusion_jax.tiny.fashion_mnist import CLASSES, DATA, PROMPTS, load_fas
 from distrifusion_jax.tiny.samples import generate_images
 
 MODEL = generate.DEFAULT_MODEL  # distrifusion_jax/assets/tiny-sdxl
+RES = json.loads((MODEL / "training.json").read_text())["resolution"]  # pixels per side
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # 10 classes x 2 seeds: the training run measured ~TRAINED_ACCURACY on 10 x 8 seeds (see
 # training.json); 50% is 5x chance and leaves room for a few misses on this smaller set.
@@ -45,11 +46,10 @@ def test_converted_layout_loads():
         6 * unet.addition_time_embed_dim + te2.projection_dim
     )
     assert te1.vocab_size == te2.vocab_size == 49408
-    # Default resolution as diffusers computes it; its latent allows 8 row bands (H % 4n == 0).
+    # Default resolution as diffusers computes it; its latent allows 8 row bands (H % 4n == 0),
+    # and the VAE downsamples (as SDXL's), so band-parallel decoding runs its upsampler.
     factor = 2 ** (len(vae.block_out_channels) - 1)
-    assert (
-        unet.sample_size * factor == json.loads((MODEL / "training.json").read_text())["resolution"]
-    )
+    assert factor > 1 and unet.sample_size * factor == RES
     assert unet.sample_size % (4 * 8) == 0
     sched = json.loads((MODEL / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "EulerDiscreteScheduler"
@@ -84,13 +84,13 @@ def test_classifier_on_real_images():
 
 @pytest.mark.slow
 def test_default_generate_run_writes_png(tmp_path, monkeypatch, capsys):
-    """`python scripts/generate.py` with no arguments: the shipped model, a 32x32 PNG."""
+    """`python scripts/generate.py` with no arguments: the shipped model, a RES x RES PNG."""
     from PIL import Image
 
     monkeypatch.chdir(tmp_path)  # the default --output is out.png in the working directory
     assert generate.main([]) == 0
     img = np.asarray(Image.open(tmp_path / "out.png"))
-    assert img.shape == (32, 32, 3) and img.std() > 20
+    assert img.shape == (RES, RES, 3) and img.std() > 20
     assert Image.open(tmp_path / "out.png").text["prompt"] == generate.DEFAULT_PROMPT
 
 
@@ -98,7 +98,7 @@ def test_default_generate_run_writes_png(tmp_path, monkeypatch, capsys):
 def test_generated_images_follow_prompts():
     """Through the library pipeline (Euler from the model's scheduler config, CFG 5)."""
     images = generate_images(MODEL, list(PROMPTS), seeds=[0, 1], steps=20)
-    assert images.shape == (10, 2, 32, 32, 3) and images.dtype == np.uint8
+    assert images.shape == (10, 2, RES, RES, 3) and images.dtype == np.uint8
     assert images.std() > 20  # not blank
     acc = conditioning_accuracy(images, MODEL / "classifier.npz")
     print("accuracy per class:", dict(zip(CLASSES, acc.round(2).tolist())))

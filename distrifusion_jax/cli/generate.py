@@ -5,6 +5,8 @@
     distrifusion-generate --model ~/sdxl --prompt "..." --patches 8 --cfg-split  # 16 GPUs
     distrifusion-generate --image in.png --strength 0.5              # image-to-image
     distrifusion-generate --image in.png --mask mask.png             # inpainting (white: repaint)
+    distrifusion-generate --model ~/sdxl --refiner ~/sdxl-refiner    # base -> refiner (0.8)
+    distrifusion-generate --model ~/sdxl --controlnet ~/cn-canny:0.5 --control-image edges.png
 
 (`python scripts/generate.py` in a checkout is the same command.)
 
@@ -32,8 +34,9 @@ import tempfile
 from pathlib import Path
 
 # JAX-free imports only: `--cpu-devices` sets XLA_FLAGS before JAX is first imported (in run).
-from distrifusion_jax.cli import supervise
+from distrifusion_jax.cli import control_args, supervise
 from distrifusion_jax.cli.jobs import Job, make_jobs
+from distrifusion_jax.io.refiner_folder import HIGH_NOISE_FRAC, check_fraction, is_refiner_folder
 from distrifusion_jax.parallel.config import DEFAULT_MODE, MODES, NAIVE_SPLITS
 from distrifusion_jax.tiny import MODEL_DIR as DEFAULT_MODEL  # the shipped model
 
@@ -76,6 +79,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "each neighbour band's tokens; less traffic and memory, lower quality",
     )
     p.add_argument(
+        "--compress",
+        default=None,
+        metavar="CODEC",
+        help="code the displaced exchange's halo rows and K,V: bf16, fp8, int8, int4, int2, "
+        "or residual+ one of them (error feedback; more state); GroupNorm and warm-up exact",
+    )
+    p.add_argument(
         "--fused-exchange",
         action="store_true",
         help="exchange a displaced step's activations in a few collectives at its "
@@ -98,6 +108,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --image: share of the steps run, in (0, 1] (default diffusers': SDXL "
         "img2img 0.3, inpainting 0.9999; SD 0.8 and 1.0)",
     )
+    p.add_argument(
+        "--refiner",
+        type=Path,
+        default=None,
+        help="SDXL refiner folder: the base denoises the high-noise steps, the refiner the rest",
+    )
+    p.add_argument(
+        "--high-noise-frac",
+        type=float,
+        default=None,
+        help=f"with --refiner: share of the noise levels the base denoises, in (0, 1) "
+        f"(diffusers' denoising_end/denoising_start; default {HIGH_NOISE_FRAC})",
+    )
+    control_args.add_arguments(p)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--output", default="out.png", help="PNG path; with several images -N is added")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -192,6 +216,29 @@ def check_inputs(args: argparse.Namespace, jobs: list[Job]) -> None:
     if args.steps < 1:
         raise ValueError("--steps must be at least 1")
     check_image_inputs(args)
+    check_refiner_inputs(args)
+    control_args.check_control_inputs(args)
+
+
+def check_refiner_inputs(args: argparse.Namespace) -> None:
+    """--model is a base, --refiner a refiner folder, --high-noise-frac in (0, 1)."""
+    if is_refiner_folder(args.model):
+        raise ValueError(
+            f"--model {args.model} is an SDXL refiner, not a base model; pass the base as "
+            f"--model and this folder as --refiner"
+        )
+    if args.refiner is None:
+        if args.high_noise_frac is not None:
+            raise ValueError("--high-noise-frac needs --refiner (the SDXL refiner folder)")
+        return
+    if not args.refiner.is_dir():
+        raise FileNotFoundError(
+            f"--refiner folder {args.refiner} does not exist; pass an SDXL refiner folder"
+        )
+    if args.high_noise_frac is not None:
+        check_fraction("--high-noise-frac", args.high_noise_frac)
+    if args.mask is not None:
+        raise ValueError("--refiner with --mask (inpainting) is not supported; drop one of them")
 
 
 def check_image_inputs(args: argparse.Namespace) -> None:
@@ -277,12 +324,18 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         fused_exchange=args.fused_exchange,
         pcpp=args.pcpp,
+        compress=args.compress,
     )
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
-    pipe = DistriSDXLPipeline.from_pretrained(args.model, parallel=parallel, dtype=dtype)
+    pipe = DistriSDXLPipeline.from_pretrained(
+        args.model, parallel=parallel, dtype=dtype, refiner=args.refiner
+    )
     loras = loras_of(args)
     if loras:
         pipe.set_loras(loras)  # every file checked before any weight changes
+    controlnets = control_args.controlnets_of(args)
+    if controlnets:
+        pipe.load_controlnets([path for path, _ in controlnets])
     lead = jax.process_index() == 0
     meta = {
         "negative_prompt": args.negative_prompt or "",
@@ -295,6 +348,11 @@ def run(args: argparse.Namespace) -> int:
     }
     if loras:
         meta["loras"] = [{"path": path, "scale": scale} for path, scale in loras]
+    meta.update(control_args.control_meta(args))
+    high_noise_frac = None
+    if args.refiner is not None:
+        high_noise_frac = args.high_noise_frac or HIGH_NOISE_FRAC
+        meta.update(refiner=str(args.refiner), high_noise_frac=high_noise_frac)
     strength = None
     if args.image is not None:
         from distrifusion_jax.pipeline import default_strength
@@ -319,6 +377,8 @@ def run(args: argparse.Namespace) -> int:
             image=args.image,
             mask_image=args.mask,
             strength=strength,
+            denoising_end=high_noise_frac,
+            **control_args.control_kwargs(args),
             # a supervised worker's stderr is its log file: progress goes to stdout
             progress=(
                 lambda it: tqdm(

@@ -1,4 +1,5 @@
-"""A model's DistriFusion step per n: FLOPs, exchange (three counts), memory, latency.
+"""A model's DistriFusion step per n: FLOPs, exchange (three counts), memory, latency; and the
+exchange of the band-parallel VAE encode (img2img, inpainting) and decode (three counts too).
 
 On fake CPU devices (sharing this machine's cores) the latency shows overhead, not speedup.
 """
@@ -13,7 +14,7 @@ import numpy as np
 
 from distrifusion_jax.eval.mode_labels import mode_fields
 from distrifusion_jax.parallel import ParallelConfig
-from distrifusion_jax.parallel.cost import step_cost
+from distrifusion_jax.parallel.cost import step_cost, vae_cost
 from distrifusion_jax.pipeline import DistriSDXLPipeline
 from distrifusion_jax.prompt import encode_prompts
 
@@ -31,6 +32,17 @@ def cond_shapes(pipe: DistriSDXLPipeline, h: int, w: int, prompt: str = PROMPT) 
         [h, w, 0, 0, h, w] if pipe.is_sdxl else None,
     )
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), cond)
+
+
+def vae_rows(pipe: DistriSDXLPipeline, h: int, w: int) -> dict[str, dict]:
+    """{"encode": .., "decode": ..}: `parallel.cost.vae_cost` of one image at h x w pixels on
+    the pipeline's row bands (the encode reads `[1, h, w, 3]` pixels, the decode writes them)."""
+    f, dtype = pipe.vae_scale_factor, pipe.vae.dtype
+    shapes = {
+        "encode": jax.ShapeDtypeStruct((1, h, w, 3), dtype),
+        "decode": jax.ShapeDtypeStruct((1, h // f, w // f, pipe.vae.config.latent_channels), dtype),
+    }
+    return {k: vae_cost(pipe.vae, pipe.vae_params, pipe.parallel, x, k) for k, x in shapes.items()}
 
 
 def model_rows(
@@ -101,6 +113,7 @@ def model_rows(
             "compile_and_first_steps_seconds": sum(t.seconds for t in first if t.compiled),
             "median_step_seconds": pipe.timings.steady_step(),
             "end_to_end_seconds": total,
+            "vae": vae_rows(pipe, h, w),
         }
         base_step = row["median_step_seconds"] if base_step is None else base_step
         row["speedup_vs_1"] = base_step / row["median_step_seconds"]
@@ -140,3 +153,21 @@ def print_model_table(res: dict) -> None:
         "formula: layer shapes x the algorithm (patch axis only; a CFG split adds one "
         "all-gather of the output). Per device per step, received by an interior band."
     )
+    if "vae" in res["rows"][0]:
+        print_vae_table(res["rows"])
+
+
+def print_vae_table(rows: list[dict]) -> None:
+    """The VAE rows: encode (img2img, inpainting) and decode on row bands, exact, per image."""
+    print("\nVAE on row bands (exact, once per image; per device, received by an interior band)")
+    head = f"{'n':>2} {'pass':>6} {'recv k el':>10} {'HLO k el':>9} {'formula':>8} {'recv KB':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        for name, v in r["vae"].items():
+            print(
+                f"{r['n']:>2} {name:>6} {v['exchanged_elements'] / 1e3:>10.1f} "
+                f"{v['compiled_exchange']['elements'] / 1e3:>9.1f} "
+                f"{sum(v['analytic_elements'].values()) / 1e3:>8.1f} "
+                f"{v['exchanged_bytes'] / 1e3:>8.1f}"
+            )

@@ -99,8 +99,22 @@ def train_classifier(
     return params, stats
 
 
+def pool_to_32(gray: np.ndarray) -> np.ndarray:
+    """`[N, 32k, 32k, C]` -> `[N, 32, 32, C]` by k x k average pooling (k = 1: unchanged).
+
+    The shipped model draws 64x64 images whose 2x2 blocks are Fashion-MNIST pixels
+    (`tiny.fashion_mnist.upscale`), so pooling gives the classifier its 32x32 input.
+    """
+    n, h, w, c = gray.shape
+    if h != w or h % 32:
+        raise ValueError(f"the classifier takes square images of 32k pixels; got {h}x{w}")
+    k = h // 32
+    return gray.reshape(n, 32, k, 32, k, c).mean((2, 4))
+
+
 def classify(params: dict, gray: np.ndarray) -> np.ndarray:
-    """Predicted class ids `[N]` for gray images `[N, 32, 32, 1]` in [-1, 1]."""
+    """Predicted class ids `[N]` for gray images `[N, 32k, 32k, 1]` in [-1, 1] (pooled to 32)."""
+    gray = pool_to_32(np.asarray(gray, np.float32))
     apply = jax.jit(lambda p, x: Classifier().apply({"params": p}, x).argmax(-1))
     return np.concatenate(
         [np.asarray(apply(params, gray[i : i + 500])) for i in range(0, len(gray), 500)]
@@ -119,8 +133,9 @@ def load_classifier(path: str | os.PathLike) -> dict:
 
 
 def classify_images(params: dict, images: np.ndarray) -> np.ndarray | None:
-    """Class ids `[N]` of uint8 RGB images `[N, 32, 32, 3]`; None for any other size."""
-    if images.shape[1:3] != (32, 32):
+    """Class ids `[N]` of uint8 RGB images `[N, 32k, 32k, 3]`; None for any other size."""
+    h, w = images.shape[1:3]
+    if h != w or h % 32:
         return None
     return classify(params, to_gray(images))
 

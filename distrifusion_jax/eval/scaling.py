@@ -148,7 +148,8 @@ def scaling_cost(opts: ScalingOptions) -> dict[str, dict]:
     h, w = opts.height, opts.width
     pipe = DistriSDXLPipeline.from_pretrained(opts.model, parallel=ParallelConfig(patches=1))
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), pipe.unet_params)
-    lat = jax.ShapeDtypeStruct((1, h, w, pipe.unet.config.in_channels), np.float32)
+    f = pipe.vae_scale_factor  # h, w are pixels; the UNet sees the latent
+    lat = jax.ShapeDtypeStruct((1, h // f, w // f, pipe.unet.config.in_channels), np.float32)
     cond = cond_shapes(pipe, h, w)
     out = {}
     for n, mode in [(1, "corrected_async_gn")] + [(2, m) for m in opts.modes]:

@@ -184,11 +184,13 @@ def manifest(
       converted: component name -> Flax class name.
       source: what was converted (a path).
       index: the source's diffusers `model_index.json`; its entries for folders we copied or
-        converted are kept, the others dropped.
+        converted and its pipeline options (`force_zeros_for_empty_prompt`, a refiner's
+        `requires_aesthetics_score`) are kept, the other folders' entries dropped.
     """
     out: dict[str, Any] = {}
     for key, value in (index or {}).items():
-        if key.startswith("_") or key in components.COPIED_FOLDERS:
+        option = not isinstance(value, (list, dict))  # pipeline options are plain values
+        if key.startswith("_") or key in components.COPIED_FOLDERS or option:
             out[key] = value
     for name, cls in converted.items():
         out[name] = ["distrifusion_jax", cls]

@@ -21,6 +21,8 @@ import numpy as np
 from distrifusion_jax.io.keys import ConversionError, convert_tensors, flatten
 from distrifusion_jax.io.weights import TensorSource
 from distrifusion_jax.models import clip
+from distrifusion_jax.models.controlnet import ControlNetModel
+from distrifusion_jax.models.controlnet_config import ControlNetConfig
 from distrifusion_jax.models.unet import UNet2DConditionModel
 from distrifusion_jax.models.unet_config import UNetConfig
 from distrifusion_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -75,6 +77,23 @@ def _unet_inputs(module: Any) -> tuple[Any, ...]:
     return (sample, jnp.zeros((1,), jnp.float32), ctx, added)
 
 
+# ---- ControlNet -------------------------------------------------------------------------
+
+
+def _make_controlnet(raw: Mapping[str, Any], dtype: Any) -> Any:
+    config = ControlNetConfig.from_diffusers(raw)
+    return ControlNetModel(config, dtype=dtype, param_dtype=dtype)
+
+
+def _controlnet_inputs(module: Any) -> tuple[Any, ...]:
+    cn = module.config
+    sample, t, ctx, added = _unet_inputs(UNet2DConditionModel(cn.as_unet()))
+    f = cn.conditioning_factor
+    h, w = sample.shape[1:3]
+    image = jnp.zeros((1, h * f, w * f, cn.conditioning_channels), jnp.float32)
+    return (sample, t, ctx, image, added)
+
+
 # ---- VAE --------------------------------------------------------------------------------
 
 
@@ -119,6 +138,7 @@ COMPONENTS: dict[str, Component] = {
     for c in (
         Component("unet", ("UNet2DConditionModel",), _make_unet, _unet_inputs),
         Component("vae", ("AutoencoderKL",), _make_vae, _vae_inputs),
+        Component("controlnet", ("ControlNetModel",), _make_controlnet, _controlnet_inputs),
         Component(
             "text_encoder",
             ("CLIPTextModel",),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping
+from typing import Any
 
 from jax.extend import core
 
@@ -33,8 +34,10 @@ def _nbytes(aval) -> int:
     return math.prod(aval.shape) * aval.dtype.itemsize
 
 
-def exchanged(jaxpr, axis_sizes: Mapping[str, int]) -> dict[str, dict[str, float]]:
-    """Per collective kind and mesh axis: `{"all_gather@patch": {"elements": .., "bytes": ..}}`.
+def exchanged(jaxpr, axis_sizes: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+    """Per collective kind and mesh axis: `{"all_gather@patch": {"elements": .., "bytes": ..,
+    "calls": .., "by_dtype": {"float32": bytes, "int8": bytes, ..}}}` (the bytes split by the
+    dtype moved: what a `compress` codec saves, measured).
 
     Args:
       jaxpr: a `jax.make_jaxpr(step)(...).jaxpr` (nested calls and shard_map are followed;
@@ -42,12 +45,14 @@ def exchanged(jaxpr, axis_sizes: Mapping[str, int]) -> dict[str, dict[str, float
       axis_sizes: mesh axis name -> size.
     """
     totals: dict[str, Counter] = {}
+    dtypes: dict[str, Counter] = {}
 
-    def add(kind, elements, nbytes):
+    def add(kind, elements, nbytes, dtype):
         c = totals.setdefault(kind, Counter())
         c["elements"] += elements
         c["bytes"] += nbytes
         c["calls"] += 1
+        dtypes.setdefault(kind, Counter())[str(dtype)] += nbytes
 
     def walk(jx):
         for eqn in jx.eqns:
@@ -59,9 +64,18 @@ def exchanged(jaxpr, axis_sizes: Mapping[str, int]) -> dict[str, dict[str, float
                 for v in eqn.invars:
                     size, nb = math.prod(v.aval.shape), _nbytes(v.aval)
                     factor = {"ppermute": 1, "all_gather": n - 1, "psum": 2 * (n - 1) / n}[name]
-                    add(label, size * factor, nb * factor)
+                    add(label, size * factor, nb * factor, v.aval.dtype)
             for sub in sub_jaxprs(eqn):
                 walk(sub)
 
     walk(jaxpr)
-    return {k: dict(v) for k, v in totals.items()}
+    return {k: {**v, "by_dtype": dict(dtypes[k])} for k, v in totals.items()}
+
+
+def bytes_by_dtype(kinds: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """`exchanged(...)` (or `compiled_exchange(...)["by_op"]`) -> bytes received per dtype,
+    summed over the collective kinds."""
+    total: Counter = Counter()
+    for v in kinds.values():
+        total.update(v.get("by_dtype", {}))
+    return dict(total)

@@ -56,6 +56,21 @@ MODE_RULES: dict[str, ModeRule] = {
 MODES = tuple(MODE_RULES)
 DEFAULT_MODE = MODES[1]  # corrected_async_gn
 NAIVE_SPLITS = ("row", "col", "alternate")
+# Codecs of the displaced exchange (`parallel/codec.py`); "residual+" prefixes any of them.
+COMPRESS_CODECS = ("bf16", "fp8", "int8", "int4", "int2")
+RESIDUAL = "residual+"
+
+
+def parse_compress(spec: str) -> tuple[str, bool]:
+    """`"int8"` -> ("int8", False); `"residual+int4"` -> ("int4", True); ValueError otherwise."""
+    residual = spec.startswith(RESIDUAL)
+    base = spec[len(RESIDUAL) :] if residual else spec
+    if base not in COMPRESS_CODECS:
+        raise ValueError(
+            f"unknown compress codec {spec!r}; choose one of {list(COMPRESS_CODECS)}, "
+            f"optionally prefixed by {RESIDUAL!r} (e.g. 'residual+int4')."
+        )
+    return base, residual
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +91,11 @@ class ParallelConfig:
       pcpp: PCPP portion p in [0, 1] (arXiv 2412.02962; the paper uses 0.3): in displaced steps
         self-attention on band i sees its own tokens and the nearest p of the tokens of bands
         i-1 and i+1 (stale), and only those are sent; None: DistriFusion (every band's K,V).
+      compress: codec of the displaced exchange's halo rows and K,V (`parallel/codec.py`):
+        "bf16", "fp8", "int8", "int4", "int2", or "residual+" one of them (error feedback: the
+        change since the last send is coded; the state then also carries what was received
+        and what the peers rebuilt). GroupNorm moments and warm-up steps stay exact. None:
+        sent as they are.
     """
 
     patches: int = 1
@@ -86,6 +106,7 @@ class ParallelConfig:
     warmup_steps: int = 4
     fused_exchange: bool = False
     pcpp: float | None = None
+    compress: str | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -97,6 +118,14 @@ class ParallelConfig:
                 raise ValueError(
                     f"pcpp changes displaced steps; mode {self.mode!r} has none: use it with "
                     "corrected_async_gn (or another displaced mode), or drop pcpp."
+                )
+        if self.compress is not None:
+            parse_compress(self.compress)
+            if not (self.rule.keeps_state and self.rule.refresh):
+                raise ValueError(
+                    f"compress codes the displaced exchange; mode {self.mode!r} sends nothing "
+                    "displaced: use it with corrected_async_gn (or another displaced mode), or "
+                    "drop compress."
                 )
         if self.naive_split not in NAIVE_SPLITS:
             raise ValueError(
@@ -126,6 +155,12 @@ class ParallelConfig:
     def naive(self) -> bool:
         """The naive-patch baseline: the plain model per band, no exchange."""
         return self.rule.exchange == "none"
+
+    @property
+    def residual(self) -> bool:
+        """The exchange codes changes (`residual+` codec): steps also carry the received values
+        ("stale") and what the peers rebuilt of this device's sends ("recon")."""
+        return self.tracks_state and self.compress is not None and parse_compress(self.compress)[1]
 
     @property
     def tracks_state(self) -> bool:

@@ -27,7 +27,7 @@ from distrifusion_jax.parallel.conv import PatchConv, halo_rows
 from distrifusion_jax.parallel.groupnorm import PatchGroupNorm
 from distrifusion_jax.parallel.mesh import make_mesh
 from distrifusion_jax.parallel.state import carried_bytes, state_shapes
-from distrifusion_jax.parallel.step import make_step
+from distrifusion_jax.parallel.step import make_decode, make_encode, make_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +96,43 @@ def step_cost(
     )
 
 
+def vae_cost(
+    vae: nn.Module,
+    params: Any,
+    parallel: ParallelConfig,
+    x: jax.ShapeDtypeStruct,
+    method: str,
+    devices=None,
+) -> dict[str, Any]:
+    """Exchange of the band-parallel VAE `encode` or `decode` (exact, once per image).
+
+    Args:
+      vae: the AutoencoderKL module.
+      params: its param tree (arrays or `jax.ShapeDtypeStruct`s).
+      x: `encode`: pixels `[B, H, W, 3]`; `decode`: latents `[B, H/f, W/f, C]`.
+      method: "encode" (`make_encode`: img2img, inpainting) or "decode" (`make_decode`).
+
+    Returns:
+      {"exchanged_elements", "exchanged_bytes" (from the jaxpr), "by_kind", "analytic_elements"
+      (the formulas of `analytic_exchange`), "compiled_exchange" (from the compiled HLO)}: what
+      one interior device receives in one call.
+    """
+    if method not in ("encode", "decode"):
+        raise ValueError(f"method must be 'encode' or 'decode'; got {method!r}")
+    mesh = make_mesh(parallel, devices)
+    fn = (make_encode if method == "encode" else make_decode)(vae, parallel, mesh)
+    args = (params, x)
+    kinds = exchanged(jax.make_jaxpr(fn)(*args).jaxpr, dict(mesh.shape))
+    compiled = compiled_exchange(fn.lower(*args).compile().as_text())
+    return {
+        "exchanged_elements": sum(k["elements"] for k in kinds.values()),
+        "exchanged_bytes": sum(k["bytes"] for k in kinds.values()),
+        "by_kind": kinds,
+        "analytic_elements": analytic_exchange(fn, args),
+        "compiled_exchange": compiled,
+    }
+
+
 def analytic_exchange(step, args) -> dict[str, float]:
     """Elements one interior device receives per step, by layer kind, from the formulas.
 
@@ -144,7 +181,7 @@ _COLLECTIVE = re.compile(
     r"= (?P<type>\(?[^=]*?\)?) (?P<op>all-gather|collective-permute|all-reduce|all-to-all|"
     r"reduce-scatter)(?P<start>-start)?\("
 )
-_ARRAY = re.compile(r"\b(?P<dtype>pred|[suf]\d+|bf16)\[(?P<dims>[\d,]*)\]")
+_ARRAY = re.compile(r"\b(?P<dtype>pred|bf16|f8e\d+m\d+\w*|[suf]\d+)\[(?P<dims>[\d,]*)\]")
 _GROUPS = re.compile(r"replica_groups=(?:\{\{(?P<list>[\d,]+)\}|\[\d+,(?P<iota>\d+)\])")
 
 
@@ -157,9 +194,10 @@ def compiled_exchange(hlo_text: str) -> dict[str, Any]:
 
     Returns:
       {"elements": float, "bytes": float, "calls": int, "by_op": {op: {"elements", "bytes",
-      "calls"}}}
+      "calls", "by_dtype": {numpy dtype name: bytes}}}} (dtype names as `comm.exchanged`'s)
     """
     by_op: dict[str, Counter] = {}
+    by_dtype: dict[str, Counter] = {}
     for line in hlo_text.splitlines():
         m = _COLLECTIVE.search(line)
         if not m:
@@ -179,16 +217,30 @@ def compiled_exchange(hlo_text: str) -> dict[str, Any]:
         c = by_op.setdefault(m["op"], Counter())
         for a in arrays:
             size = math.prod(int(d) for d in a["dims"].split(",") if d)
-            bits = 8 if a["dtype"] == "pred" else int(re.sub(r"\D", "", a["dtype"]))
+            name, bits = _hlo_dtype(a["dtype"])
             c["elements"] += factor * size
             c["bytes"] += factor * size * bits / 8
+            by_dtype.setdefault(m["op"], Counter())[name] += factor * size * bits / 8
         c["calls"] += 1
     return {
         "elements": float(sum(c["elements"] for c in by_op.values())),
         "bytes": float(sum(c["bytes"] for c in by_op.values())),
         "calls": int(sum(c["calls"] for c in by_op.values())),
-        "by_op": {k: dict(v) for k, v in by_op.items()},
+        "by_op": {k: {**v, "by_dtype": dict(by_dtype.get(k, {}))} for k, v in by_op.items()},
     }
+
+
+def _hlo_dtype(name: str) -> tuple[str, int]:
+    """HLO element type -> (numpy dtype name, bits): `f32` -> ("float32", 32), `s8` ->
+    ("int8", 8), `bf16` -> ("bfloat16", 16), `f8e4m3fn` -> ("float8_e4m3fn", 8)."""
+    if name == "pred":
+        return "bool", 8
+    if name == "bf16":
+        return "bfloat16", 16
+    if name.startswith("f8"):
+        return "float8_" + name[2:], 8
+    bits = int(name[1:])
+    return {"s": "int", "u": "uint", "f": "float"}[name[0]] + str(bits), bits
 
 
 def peak_bytes(compiled) -> int | None:

@@ -19,10 +19,17 @@ carried state is the local values (1/n of the gathered K,V). Per buffer (default
 `ctx.fused_exchange`, in one `ppermute` per direction and one `all_gather` per dtype (`flush`:
 for hosts where collectives block and cost a fixed latency each, as CPU processes). `no_sync`
 keeps what its last synchronous step received in "stale", frozen.
+
+With `ParallelConfig.compress` a codec (`parallel/codec.py`) codes the halo rows and K,V on the
+way (GroupNorm moments stay exact): each buffer becomes a few parts that follow the buffer's
+rule, and the receiver decodes them. A `residual+` codec codes the change since the last send
+(`receive_residual`); its synchronous steps keep what they received in "stale" and what they
+sent in "recon", exact, so the first displaced exchange sends a zero change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import flax.linen as nn
@@ -30,8 +37,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from distrifusion_jax.parallel.codec import Codec
 from distrifusion_jax.parallel.config import PatchContext
-from distrifusion_jax.parallel.state import OUTBOX, STALE
+from distrifusion_jax.parallel.state import OUTBOX, RECON, STALE
 
 # buffer name -> (collective, gather axis): "down"/"up" ppermute to band j+1 / j-1;
 # "gather" all_gather, tiled along the given axis, or stacked on a new axis 0 (None).
@@ -42,6 +50,10 @@ RULES: dict[str, tuple[str, int | None]] = {
     "v": ("gather", 1),
     "moments": ("gather", None),
 }
+CODED = ("above", "below", "k", "v")  # buffers a codec codes; GroupNorm moments stay exact
+
+# (key, buffer name whose rule applies, local value): one array for `exchange_items`.
+Item = tuple[Hashable, str, jax.Array]
 
 
 def shift_rows(x: jax.Array, axis: str, n: int, down: bool) -> jax.Array:
@@ -68,11 +80,17 @@ def store(module: nn.Module, ctx: PatchContext, local: dict, received: dict) -> 
     Refreshing modes keep this step's `local` values in "outbox", exactly as a displaced step
     parks its sends: the next displaced step exchanges them at its start (`receive`).
     `no_sync` keeps the `received` values in "stale": frozen, never exchanged again.
+    With a residual codec the coded buffers' `received` values also go to "stale" and their
+    `local` ones to "recon": exact, the starting point of the coded changes.
     """
     target, values = (OUTBOX, local) if ctx.refresh_state else (STALE, received)
     if module.is_mutable_collection(target):
         for name, x in values.items():
             module.put_variable(target, name, x)
+    if ctx.parallel.residual and module.is_mutable_collection(RECON):
+        for name in sorted(set(local) & set(CODED)):
+            module.put_variable(STALE, name, received[name])
+            module.put_variable(RECON, name, local[name])
 
 
 def send(module: nn.Module, ctx: PatchContext, **local: jax.Array) -> None:
@@ -83,14 +101,94 @@ def send(module: nn.Module, ctx: PatchContext, **local: jax.Array) -> None:
             module.put_variable(OUTBOX, name, x)
 
 
-def receive(outbox: Any, axis: str, n: int, fused: bool = False) -> dict:
+def receive(
+    outbox: Any, axis: str, n: int, fused: bool = False, codec: Codec | None = None
+) -> dict:
     """Start of a displaced step: the previous step's outbox (nested dict of local values) ->
     the same tree as received ("stale"), one collective per buffer (each can finish while the
-    layers before its reader compute), or, `fused`, a few concatenated ones (`flush`)."""
-    if fused:
-        return flush(outbox, axis, n)
+    layers before its reader compute), or, `fused`, a few concatenated ones (`flush`).
+    `codec` (not residual): the coded buffers travel as its parts and are decoded on arrival."""
     flat = traverse_util.flatten_dict(outbox)
-    return traverse_util.unflatten_dict({p: exchange(p[-1], x, axis, n) for p, x in flat.items()})
+    if codec is None:
+        got = exchange_items([(p, p[-1], x) for p, x in flat.items()], axis, n, fused)
+        return traverse_util.unflatten_dict(got)
+    coded = {p: codec.encode(x) for p, x in flat.items() if p[-1] in CODED}
+    got = exchange_items(_items(flat, coded), axis, n, fused)
+    received = {}
+    for p, x in flat.items():
+        if p in coded:
+            parts = {k: got[p + (k,)] for k in coded[p]}
+            received[p] = codec.decode(parts, x.shape[-1], x.dtype)
+        else:
+            received[p] = got[p]
+    return traverse_util.unflatten_dict(received)
+
+
+def receive_state(state: Any, ctx: PatchContext) -> tuple[dict, dict]:
+    """Start of a displaced step: its input state -> (what its layers read as "stale", the
+    collections it carries besides the outbox: with a residual codec the new "stale" of the
+    coded buffers and "recon", else none), by `ctx.parallel`'s `compress` and `fused_exchange`.
+    """
+    pc = ctx.parallel
+    codec = Codec.parse(pc.compress) if pc.compress is not None else None
+    if not pc.residual:
+        return receive(state[OUTBOX], ctx.axis, ctx.n, pc.fused_exchange, codec), {}
+    received, recon = receive_residual(
+        state[OUTBOX], state[STALE], state[RECON], ctx.axis, ctx.n, pc.fused_exchange, codec
+    )
+    flat = traverse_util.flatten_dict(received)
+    kept = traverse_util.unflatten_dict({p: x for p, x in flat.items() if p[-1] in CODED})
+    return received, {STALE: kept, RECON: recon}
+
+
+def receive_residual(
+    outbox: Any, stale: Any, recon: Any, axis: str, n: int, fused: bool, codec: Codec
+) -> tuple[dict, dict]:
+    """`receive` with error feedback: the coded buffers send `encode(x - r)`.
+
+    Args:
+      outbox: this device's local values of the previous step (nested dict).
+      stale: what this device received in the last exchange, for the coded buffers (shapes as
+        received: gathered K,V `[B, L, C]`, halo rows as sent).
+      recon: what the peers have rebuilt of this device's coded buffers so far (`r`, local
+        shapes): every receiver adds the same decoded changes, so `r` is the sender's slice of
+        their "stale".
+
+    Returns:
+      (received: the whole tree, as `receive` gives it, with the coded buffers
+      `stale + decode(change)`; the new recon, `r + decode(encode(x - r))`). The error of a
+      received value is the last change's coding error alone: it does not accumulate.
+    """
+    flat = traverse_util.flatten_dict(outbox)
+    old, r = traverse_util.flatten_dict(stale), traverse_util.flatten_dict(recon)
+    coded = {
+        p: codec.encode(x.astype(jnp.float32) - r[p].astype(jnp.float32))
+        for p, x in flat.items()
+        if p[-1] in CODED
+    }
+    got = exchange_items(_items(flat, coded), axis, n, fused)
+    received, new_recon = {}, {}
+    for p, x in flat.items():
+        if p not in coded:
+            received[p] = got[p]
+            continue
+        c, dt = x.shape[-1], x.dtype
+        parts = {k: got[p + (k,)] for k in coded[p]}
+        received[p] = (old[p].astype(jnp.float32) + codec.decode(parts, c)).astype(dt)
+        new_recon[p] = (r[p].astype(jnp.float32) + codec.decode(coded[p], c)).astype(dt)
+    return traverse_util.unflatten_dict(received), traverse_util.unflatten_dict(new_recon)
+
+
+def _items(flat: dict, coded: dict) -> list[Item]:
+    """The arrays to exchange: each coded buffer's parts (keys `path + (part,)`, the buffer's
+    rule), the other buffers as they are."""
+    items = []
+    for p, x in flat.items():
+        if p in coded:
+            items += [(p + (k,), p[-1], a) for k, a in coded[p].items()]
+        else:
+            items.append((p, p[-1], x))
+    return items
 
 
 def flush(outbox: Any, axis: str, n: int) -> dict:
@@ -100,22 +198,31 @@ def flush(outbox: Any, axis: str, n: int) -> dict:
     one `ppermute` per direction and one `all_gather` per dtype.
     """
     flat = traverse_util.flatten_dict(outbox)
-    groups: dict[tuple[str, Any], list[tuple[Any, jax.Array]]] = {}
-    for path, x in flat.items():
-        groups.setdefault((RULES[path[-1]][0], x.dtype), []).append((path, x))
+    got = exchange_items([(p, p[-1], x) for p, x in flat.items()], axis, n, fused=True)
+    return traverse_util.unflatten_dict(got)
+
+
+def exchange_items(items: list[Item], axis: str, n: int, fused: bool) -> dict:
+    """`(key, name, x)` items -> {key: what this device receives of x under name's rule}: one
+    collective per item, or (`fused`) one per (collective, dtype) over the concatenated items."""
+    if not fused:
+        return {key: exchange(name, x, axis, n) for key, name, x in items}
+    groups: dict[tuple[str, Any], list[Item]] = {}
+    for key, name, x in items:
+        groups.setdefault((RULES[name][0], x.dtype), []).append((key, name, x))
     received = {}
-    for (kind, _), items in groups.items():
-        packed = jnp.concatenate([x.reshape(-1) for _, x in items])
+    for (kind, _), group in groups.items():
+        packed = jnp.concatenate([x.reshape(-1) for _, _, x in group])
         if kind == "gather":
             packed = jax.lax.all_gather(packed, axis)  # [n, total]
         else:
             packed = shift_rows(packed, axis, n, down=kind == "down")
         offset = 0
-        for path, x in items:
+        for key, name, x in group:
             part = jax.lax.slice_in_dim(packed, offset, offset + x.size, axis=packed.ndim - 1)
             offset += x.size
-            received[path] = _unpack(part, x.shape, path[-1], n)
-    return traverse_util.unflatten_dict(received)
+            received[key] = _unpack(part, x.shape, name, n)
+    return received
 
 
 def _unpack(part: jax.Array, shape: tuple[int, ...], name: str, n: int) -> jax.Array:

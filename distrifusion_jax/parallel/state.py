@@ -4,7 +4,10 @@
   GroupNorm moments): received at the start of a displaced step (`no_sync` carries it, frozen);
 - `OUTBOX`: each step's local values for its peers, carried to the next step, which exchanges
   them at its start (`exchange.receive`);
-- `TEXT_KV`: the cross-attention K,V of the text, computed in the first step and read after.
+- `TEXT_KV`: the cross-attention K,V of the text, computed in the first step and read after;
+- `RECON`: with a residual codec (`ParallelConfig.compress="residual+..."`), what the peers
+  have rebuilt of this device's sends so far (local shape, as the outbox); `STALE` is then
+  carried too (the receiver adds the decoded change to it).
 
 Outside `shard_map` every leaf has a leading axis with one slot per device.
 """
@@ -18,6 +21,7 @@ import jax
 STALE = "stale"
 OUTBOX = "outbox"
 TEXT_KV = "text_kv"
+RECON = "recon"
 
 State = dict[str, Any]
 
@@ -29,7 +33,8 @@ def state_bytes(state: State) -> int:
 
 def carried_bytes(state: State) -> int:
     """Bytes ONE device carries between steps for the exchange (outbox or frozen stale
-    buffers; not the cached text K,V)."""
+    buffers, and with a residual codec the received and rebuilt ones; not the cached text
+    K,V)."""
     return state_bytes({k: v for k, v in state.items() if k != TEXT_KV})
 
 

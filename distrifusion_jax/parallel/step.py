@@ -23,9 +23,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from distrifusion_jax.parallel.config import ParallelConfig
-from distrifusion_jax.parallel.exchange import merge, receive
+from distrifusion_jax.parallel.exchange import merge, receive_state
 from distrifusion_jax.parallel.mesh import AXES, exchange_compiler_options, shard
-from distrifusion_jax.parallel.state import OUTBOX, STALE, TEXT_KV, State
+from distrifusion_jax.parallel.state import OUTBOX, RECON, STALE, TEXT_KV, State
 
 Cond = dict[str, jax.Array]
 
@@ -40,6 +40,7 @@ def local_eps(
     guidance_scale: jax.Array | float,
     parallel: ParallelConfig,
     displaced: bool,
+    control_images: tuple[jax.Array, ...] | None = None,
 ) -> tuple[jax.Array, State]:
     """Guided noise prediction of this device's band. Runs inside shard_map.
 
@@ -55,6 +56,9 @@ def local_eps(
       cond: local conditioning, leading axes `[G_l, B_l]`.
       guidance_scale: CFG scale (used when G = 2).
       displaced: False for a synchronous step.
+      control_images: ControlNet conditioning images, one `[B_l, h*f, W*f, C_k]` band per
+        ControlNet (the rows of this latent band), for a `ControlledUNet`; their scales for this
+        step are `cond["control_scales"]` `[G_l, B_l, K]`.
 
     Returns:
       eps `[B_l, h, W, C]` (fp32) and the new state.
@@ -68,21 +72,29 @@ def local_eps(
     tt = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (xin.shape[0],))
     mutable = [TEXT_KV] if TEXT_KV not in state else []
     variables = {"params": params, **state}
+    carried = {}  # a residual codec's "stale" and "recon" after a displaced step's exchange
     if parallel.tracks_state:
         if parallel.rule.refresh:
             mutable.append(OUTBOX)
             if displaced:  # last step's local values, exchanged now, read by this step's layers
-                stale = receive(state[OUTBOX], ctx.axis, ctx.n, fused=parallel.fused_exchange)
+                stale, carried = receive_state(state, ctx)
                 variables = {**variables, STALE: stale}
+            elif parallel.residual:  # exact "stale" and "recon": where the coded changes start
+                mutable += [STALE, RECON]
         elif not displaced:  # no_sync: what the warm-up steps receive stays frozen
             mutable.append(STALE)
+    extra = {}
+    if control_images is not None:  # same images for every CFG half, scales per half
+        images = tuple(jnp.concatenate([im] * g_local, axis=0) for im in control_images)
+        extra["control"] = {"images": images, "scales": flat(cond["control_scales"])}
     out, updates = model.clone(patch=ctx).apply(
-        variables, xin, tt, flat(ehs), added, mutable=mutable
+        variables, xin, tt, flat(ehs), added, mutable=mutable, **extra
     )
     state = dict(state)
     for name, tree in updates.items():
         if tree:
             state[name] = merge(state[name], tree) if name in state else dict(tree)
+    state.update(carried)
     out = out.reshape((g_local, -1) + out.shape[1:]).astype(jnp.float32)
     if parallel.cfg_split:
         out = jax.lax.all_gather(out[0], "cfg")  # the two CFG halves meet: [2, B_l, h, W, C]
@@ -113,7 +125,8 @@ def make_step(
 ) -> Callable[..., tuple[jax.Array, State]]:
     """A jitted global step `(params, state, latents, t, cond, guidance_scale) -> (eps, state)`.
 
-    `latents`/`eps` are `[B, H, W, C]` sharded by rows over `patch`; `state` leaves carry a
+    `latents`/`eps` are `[B, H, W, C]` sharded by rows over `patch` (as `control_images`, the
+    ControlNets' conditioning images of a `ControlledUNet`); `state` leaves carry a
     leading device axis `[data*cfg*patch, ...]` (pass `{}` to the first synchronous step).
     For `naive_patch` with split `col` the latents are split by columns; `alternate` is a
     sampler-level schedule (use `row`/`col` steps). `donate_state`: the state given is updated
@@ -123,9 +136,9 @@ def make_step(
     if split == "alternate":
         raise ValueError("make_step runs one split; build 'row' and 'col' steps for alternate.")
 
-    def body(params, state, x, t, cond, g):
+    def body(params, state, x, t, cond, g, control):
         state = jax.tree.map(lambda a: a[0], state)
-        eps, state = local_eps(model, params, state, x, t, cond, g, parallel, displaced)
+        eps, state = local_eps(model, params, state, x, t, cond, g, parallel, displaced, control)
         return eps, jax.tree.map(lambda a: a[None], state)
 
     @functools.partial(
@@ -133,15 +146,15 @@ def make_step(
         donate_argnums=(1,) if donate_state else (),
         compiler_options=exchange_compiler_options(mesh),
     )
-    def step(params, state, latents, t, cond, guidance_scale=1.0):
+    def step(params, state, latents, t, cond, guidance_scale=1.0, control_images=None):
         spec_x = latent_spec(split)
         fn = shard(
             body,
             mesh,
-            in_specs=(P(), STATE_SPEC, spec_x, P(), cond_spec(parallel), P()),
+            in_specs=(P(), STATE_SPEC, spec_x, P(), cond_spec(parallel), P(), spec_x),
             out_specs=(spec_x, STATE_SPEC),
         )
-        return fn(params, state, latents, t, cond, guidance_scale)
+        return fn(params, state, latents, t, cond, guidance_scale, control_images)
 
     return step
 

@@ -11,7 +11,9 @@ The loop does not care which scheduler drives it (interface: `sampling/schedule.
 
 Image-to-image and inpainting start at step `first_step` (the steps before it are skipped; the
 warm-up counts from there) and take an `image` dict of latent-sized arrays, split by rows like
-the latent (`ImageCond`).
+the latent (`ImageCond`). An ensemble of expert denoisers (base -> refiner, diffusers'
+`denoising_end`/`denoising_start`) stops the base at `last_step` and starts the refiner at that
+step with `resume=True`: its `noise` argument is then the base's latents, used as they are.
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ Carry = tuple[jax.Array, Any, dict]  # (latent band, scheduler state, model stat
 #             to the next step with the initial noise (inpainting with a 4-channel UNet)
 #   "concat"  appended to the UNet input channels every step (9-channel inpainting UNet:
 #             mask [1] and masked-image latents [4])
-ImageCond = dict[str, jax.Array]
+#   "control" ControlNet conditioning images of a `ControlledUNet`, a tuple of
+#             `[B, h*f, w*f, C_k]` (f: the VAE factor), with `cond["control_scales"]`
+#             `[G, B, T, K]` (each ControlNet's scale for each step; see `pipeline_control`)
+ImageCond = dict[str, Any]
 
 
 def _noise_slice(key: jax.Array, i: jax.Array, local_shape, axes: dict[str, int]) -> jax.Array:
@@ -67,6 +72,7 @@ class LocalLoop:
     scheduler: Any
     schedule: Any
     parallel: ParallelConfig
+    resume: bool = False  # `init` takes the latents at `first_step` (a hand-off), not noise
 
     @property
     def latent_spec(self) -> P:
@@ -74,10 +80,13 @@ class LocalLoop:
         return P("data") if self.parallel.naive else latent_spec("row")
 
     def init(self, x: jax.Array, image: ImageCond, first_step: int = 0) -> Carry:
-        """Unit noise band `[B_l, h, W, C]` -> the carry before step `first_step`."""
+        """Unit noise band `[B_l, h, W, C]` (with `resume`: the latents at step `first_step`)
+        -> the carry before step `first_step`."""
         ss = self.scheduler.init_state(self.schedule, x.shape, first_step=first_step)
         x = x.astype(jnp.float32)
-        if "init" in image:
+        if self.resume:  # denoising_start: continue another sampler's trajectory as it is
+            pass
+        elif "init" in image:
             x = self.scheduler.add_noise(
                 self.schedule, image["init"].astype(x.dtype), x, first_step
             )
@@ -98,7 +107,7 @@ class LocalLoop:
         xin = self.scheduler.scale_model_input(self.schedule, ss, x)
         if "concat" in image:
             xin = jnp.concatenate([xin, image["concat"].astype(xin.dtype)], axis=-1)
-        eps, state = self._predict(params, state, xin, i, cond, g, displaced)
+        eps, state = self._predict(params, state, xin, i, cond, g, displaced, image.get("control"))
         noise = None
         if self.scheduler.needs_noise:
             axes = {"data": 0} if self.parallel.naive else {"data": 0, "patch": 1}
@@ -113,11 +122,13 @@ class LocalLoop:
             x = (1 - mask) * known + mask * x
         return x, ss, state
 
-    def _predict(self, params, state, x, i, cond, g, displaced):
+    def _predict(self, params, state, x, i, cond, g, displaced, control=None):
         t = self.schedule.timesteps[i]
         pc = self.parallel
+        if control is not None:  # ControlNets: this step's scales [G, B, K] from [G, B, T, K]
+            cond = {**cond, "control_scales": cond["control_scales"][:, :, i]}
         if not self.parallel.naive:
-            return local_eps(self.model, params, state, x, t, cond, g, pc, displaced)
+            return local_eps(self.model, params, state, x, t, cond, g, pc, displaced, control)
         # Naive patch: the plain model on one band (rows, or columns; `alternate` switches
         # every step), then the bands are gathered. No other exchange.
         j = jax.lax.axis_index("patch")
@@ -125,7 +136,12 @@ class LocalLoop:
         def on(axis):
             size = x.shape[axis] // pc.patches
             band = jax.lax.dynamic_slice_in_dim(x, j * size, size, axis)
-            eps, new = local_eps(self.model, params, state, band, t, cond, g, pc, False)
+            ctl = None
+            if control is not None:  # conditioning images: the same band, at their resolution
+                rows = lambda a: a.shape[axis] // pc.patches
+                ctl = tuple(jax.lax.dynamic_slice_in_dim(a, j * rows(a), rows(a), axis)
+                            for a in control)  # fmt: skip
+            eps, new = local_eps(self.model, params, state, band, t, cond, g, pc, False, ctl)
             return jax.lax.all_gather(eps, "patch", axis=axis, tiled=True), new
 
         if pc.naive_split == "alternate":
@@ -140,6 +156,17 @@ def _check_first(first_step: int, num_inference_steps: int) -> int:
             f"(num_inference_steps {num_inference_steps})"
         )
     return first_step
+
+
+def _check_last(first_step: int, last_step: int | None, num_inference_steps: int) -> int:
+    """The step after the last one run (`last_step`, default T), checked against first_step."""
+    end = num_inference_steps if last_step is None else last_step
+    if not first_step < end <= num_inference_steps:
+        raise ValueError(
+            f"last_step {end} must be in ({first_step}, {num_inference_steps}] "
+            f"(first_step {first_step}, num_inference_steps {num_inference_steps})"
+        )
+    return end
 
 
 def start_step(num_inference_steps: int, strength: float) -> int:
@@ -175,6 +202,8 @@ def make_sampler(
     parallel: ParallelConfig,
     mesh: Mesh,
     first_step: int = 0,
+    last_step: int | None = None,
+    resume: bool = False,
 ) -> Callable[..., jax.Array]:
     """Build `sample(params, noise, cond, guidance_scale, key, image=None) -> latents`, jit-ed.
 
@@ -186,6 +215,10 @@ def make_sampler(
       mesh: from `parallel.mesh.make_mesh(parallel)`.
       first_step: steps 0..first_step-1 are skipped (img2img: `start_step`); the warm-up
         steps are first_step..first_step+w, so the first step run is synchronous.
+      last_step: steps last_step..T-1 are left out (default T); the latents returned are those
+        before step last_step (a base expert: `denoising_end`).
+      resume: `noise` is the latents before step `first_step` (a refiner continuing a base's
+        trajectory: `denoising_start`), neither scaled nor noised.
 
     The returned function takes `noise [B, H, W, C]` (unit Gaussian), `cond` (leading `[G, B]`,
     G = 2 with guidance), a traced `guidance_scale` and a PRNG `key` (ancestral schedulers draw
@@ -193,9 +226,11 @@ def make_sampler(
     the final latents `[B, H, W, C]` (fp32). `image` (`ImageCond`, global arrays split like
     `noise`) conditions img2img and inpainting. One compile serves every prompt and seed.
     """
-    loop = LocalLoop(model, scheduler, scheduler.set_timesteps(num_inference_steps), parallel)
+    schedule = scheduler.set_timesteps(num_inference_steps)
+    loop = LocalLoop(model, scheduler, schedule, parallel, resume)
     first = _check_first(first_step, num_inference_steps)
-    warm = min(parallel.warmup_steps, num_inference_steps - first - 1)
+    end = _check_last(first, last_step, num_inference_steps)
+    warm = min(parallel.warmup_steps, end - first - 1)
 
     def body(params, x, cond, g, key, image):
         def phase(displaced):
@@ -208,8 +243,8 @@ def make_sampler(
         carry = loop.step(params, start, jnp.int32(first), cond, g, key, False, image, x)
         if warm >= 1:
             carry, _ = jax.lax.scan(phase(False), carry, jnp.arange(first + 1, first + warm + 1))
-        if num_inference_steps > first + warm + 1:
-            rest = jnp.arange(first + warm + 1, num_inference_steps)
+        if end > first + warm + 1:
+            rest = jnp.arange(first + warm + 1, end)
             carry, _ = jax.lax.scan(phase(True), carry, rest)
         return carry[0]
 
@@ -264,7 +299,7 @@ class Stepper:
     displaced: Callable[..., Any]
     finish: Callable[..., jax.Array]  # carry -> latents [B, H, W, C]
     check: Callable[..., None]  # (noise shape, cond) -> None; raises ValueError
-    num_steps: int
+    num_steps: int  # the step after the last one run (T, or last_step)
     warmup_steps: int
     first_step: int = 0
 
@@ -312,14 +347,19 @@ def make_stepper(
     parallel: ParallelConfig,
     mesh: Mesh,
     first_step: int = 0,
+    last_step: int | None = None,
+    resume: bool = False,
 ) -> Stepper:
-    """A step-at-a-time driver (for progress bars); equal to `make_sampler`'s trajectory.
+    """A step-at-a-time driver (for progress bars); equal to `make_sampler`'s trajectory
+    (`first_step`, `last_step`, `resume` as there).
 
     Between calls every carry leaf has a leading device axis `[data*cfg*patch, ...]`; `sync`
     and `displaced` donate the carry they are given (do not reuse it after the call).
     """
-    loop = LocalLoop(model, scheduler, scheduler.set_timesteps(num_inference_steps), parallel)
+    schedule = scheduler.set_timesteps(num_inference_steps)
+    loop = LocalLoop(model, scheduler, schedule, parallel, resume)
     first_step = _check_first(first_step, num_inference_steps)
+    end = _check_last(first_step, last_step, num_inference_steps)
     add = lambda tree: jax.tree.map(lambda a: a[None], tree)
     drop = lambda tree: jax.tree.map(lambda a: a[0], tree)
     cspec = cond_spec(parallel)
@@ -354,7 +394,7 @@ def make_stepper(
         displaced=sync if parallel.context(True) is None else later(True),
         finish=jit(lambda carry: drop(carry)[0], (STATE_SPEC,), loop.latent_spec),
         check=lambda shape, cond: _checks(loop, shape, cond),
-        num_steps=num_inference_steps,
-        warmup_steps=min(parallel.warmup_steps, num_inference_steps - first_step - 1),
+        num_steps=end,
+        warmup_steps=min(parallel.warmup_steps, end - first_step - 1),
         first_step=first_step,
     )

@@ -1,8 +1,9 @@
 """Configs of the shipped tiny model, as diffusers / transformers write them.
 
-32x32 images, a VAE with downsampling factor 1 (so the 32x32x4 latent has 32 rows and n = 8
-row bands fit), SDXL's UNet block layout with text_time conditioning at toy width, and two CLIP
-text encoders with the real 49,408-token vocabulary (hidden 32).
+64x64 images, a two-level VAE that downsamples by 2 as SDXL's does by 8 (so the band-parallel
+decoder runs its upsampler; the 32x32x4 latent has 32 rows and n = 8 row bands fit), SDXL's UNet
+block layout with text_time conditioning at toy width, and two CLIP text encoders with the real
+49,408-token vocabulary (hidden 32).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from distrifusion_jax.models.unet_config import UNetConfig
 from distrifusion_jax.models.vae import AutoencoderKLConfig
 from distrifusion_jax.sampling.schedulers import SDXL_SCHEDULER_CONFIG
 
-RES = 32  # default image size; the VAE factor is 1, so the latent is 32x32 too
+VAE_FACTOR = 2  # image pixels per latent pixel (SDXL: 8)
+LATENT = 32  # latent rows and columns: n = 8 bands of 4 rows
+RES = LATENT * VAE_FACTOR  # default image size, 64 px
 TIME_IDS = (RES, RES, 0, 0, RES, RES)  # SDXL micro-conditioning: original size, crop, target
 DIFFUSERS_VERSION = "0.42.1"
 TRANSFORMERS_VERSION = "5.23.0"
 
 UNET_CONFIG: dict[str, Any] = {
-    "sample_size": RES,
+    "sample_size": LATENT,
     "in_channels": 4,
     "out_channels": 4,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
@@ -42,14 +45,14 @@ UNET_CONFIG: dict[str, Any] = {
 VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"],
-    "block_out_channels": [16],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "block_out_channels": [8, 16],  # 8 channels at 64x64 px, 16 at the 32x32 latent
     "layers_per_block": 1,
     "latent_channels": 4,
     "norm_num_groups": 4,
     "sample_size": RES,
-    "mid_block_add_attention": False,  # attention over 1024 pixels would triple the VAE's cost
+    "mid_block_add_attention": False,  # no attention over the 1024 latent pixels: kept cheap
     "force_upcast": False,
 }
 _TE_COMMON: dict[str, Any] = {

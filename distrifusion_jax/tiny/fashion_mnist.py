@@ -44,3 +44,12 @@ def load_fashion_mnist(split: str = "train", data: Path = DATA) -> tuple[np.ndar
     x = raw.reshape(-1, 28, 28).astype(np.float32) / 127.5 - 1.0  # [N, 28, 28]
     x = np.pad(x, ((0, 0), (2, 2), (2, 2)), constant_values=-1.0)[..., None]  # [N, 32, 32, 1]
     return x, labels.astype(np.int32)
+
+
+def upscale(x: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of `[N, H, W, C]` images: `[N, H*factor, W*factor, C]`.
+
+    The shipped model's 64x64 images are the padded 32x32 ones at factor 2: each Fashion-MNIST
+    pixel a 2x2 block, so 2x2 average pooling gives the 32x32 image back exactly.
+    """
+    return np.repeat(np.repeat(x, factor, axis=1), factor, axis=2)

@@ -14,6 +14,7 @@ import numpy as np
 
 from distrifusion_jax.eval.classifier import CLASSIFIER_FILE, conditioning_accuracy
 from distrifusion_jax.pipeline import DistriSDXLPipeline
+from distrifusion_jax.tiny.check import summarize
 from distrifusion_jax.tiny.fashion_mnist import CLASSES, PROMPTS
 
 SAMPLER = "Euler (EulerDiscreteScheduler config), CFG against the empty prompt"
@@ -54,12 +55,14 @@ def generate_images(
 
 
 def save_grid(
-    images: np.ndarray, path: Path, labels: Sequence[str] = CLASSES, scale: int = 3
+    images: np.ndarray, path: Path, labels: Sequence[str] = CLASSES, scale: int | None = None
 ) -> None:
-    """`[P, S, H, W, 3]` uint8 -> one row per prompt, nearest-upscaled, its label on the left."""
+    """`[P, S, H, W, 3]` uint8 -> one row per prompt, nearest-upscaled (default: to ~100 px),
+    its label on the left."""
     from PIL import Image, ImageDraw
 
     p, s, h, w, _ = images.shape
+    scale = scale or max(1, round(100 / w))
     label_w, pad = 90, 2
     grid = Image.new("RGB", (label_w + s * (w * scale + pad), p * (h * scale + pad)), "white")
     draw = ImageDraw.Draw(grid)
@@ -71,6 +74,31 @@ def save_grid(
             grid.paste(tile, (label_w + j * (w * scale + pad), y))
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+
+
+def save_examples(
+    model_dir: str | os.PathLike,
+    path: Path,
+    classes: Sequence[str] = ("sneaker", "trouser", "bag", "ankle boot", "t-shirt", "dress"),
+    scale: int = 2,
+    gap: int = 4,
+) -> None:
+    """The README's strip: what `python scripts/generate.py --prompt "a photo of a <class>"`
+    draws (its defaults: seed 0, 30 steps, CFG 5, no negative prompt) for each class, side by
+    side, nearest-upscaled `scale` times with `gap` white pixels between."""
+    from PIL import Image
+
+    pipe = DistriSDXLPipeline.from_pretrained(model_dir)
+    tiles = [
+        pipe(PROMPTS[CLASSES.index(c)], num_inference_steps=30, guidance_scale=5.0, seed=0)[0]
+        for c in classes
+    ]
+    w, h = tiles[0].width * scale, tiles[0].height * scale
+    strip = Image.new("RGB", (len(tiles) * (w + gap) - gap, h), "white")
+    for i, tile in enumerate(tiles):
+        strip.paste(tile.resize((w, h), Image.NEAREST), (i * (w + gap), 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strip.save(path)
 
 
 def sample_and_report(
@@ -99,9 +127,10 @@ def sample_and_report(
     images = generate_images(out, list(PROMPTS), seeds, steps, guidance)
     save_grid(images, grid)
     acc = conditioning_accuracy(images, out / CLASSIFIER_FILE)
+    checks = summarize(images)  # what scripts/check_tiny.py measures on the same images
     log(
         f"generated {images.shape[:2]} in {time.time() - t0:.0f} s; accuracy per class "
-        f"{np.round(acc, 2).tolist()}, mean {acc.mean():.3f}"
+        f"{np.round(acc, 2).tolist()}, mean {acc.mean():.3f}; image checks {checks}"
     )
     report["samples"] = {
         "sampler": SAMPLER,
@@ -111,6 +140,7 @@ def sample_and_report(
         "grid": grid_name,
         "classifier_accuracy_per_class": dict(zip(CLASSES, acc.round(3).tolist())),
         "classifier_accuracy_mean": float(acc.mean()),
+        "image_checks": checks,
     }
     files = [f for f in out.rglob("*") if f.is_file() and f.name != "training.json"]
     report["model_dir_bytes"] = sum(f.stat().st_size for f in files)

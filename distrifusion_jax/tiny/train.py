@@ -7,6 +7,7 @@ freezing each before the next. optax is the `test` extra.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -19,7 +20,7 @@ import optax
 
 from distrifusion_jax.prompt import TextEncoder, encode_prompts
 from distrifusion_jax.tiny.configs import SCHEDULER_CONFIG, TIME_IDS
-from distrifusion_jax.tiny.fashion_mnist import CLASSES
+from distrifusion_jax.tiny.fashion_mnist import CLASSES, upscale
 
 Log = Callable[[str], None]
 
@@ -30,15 +31,18 @@ class TrainOptions:
 
     seed: int = 0
     classifier_epochs: int = 1
-    vae_steps: int = 300
+    vae_steps: int = 600
+    vae_batch: int = 16
+    vae_latent_noise: float = 0.5  # half of each VAE batch: latent noise up to this many stds
     encode_images: int = 40000  # train images encoded for the UNet
     text_steps: int = 300
     unet_steps: int = 1700  # the learning-rate schedule is planned for this many
     unet_batch: int = 32
     unet_lr: float = 1e-3
     ema: float = 0.998
-    unet_minutes: float = 48.0  # wall-clock guard
+    unet_minutes: float = float("inf")  # wall-clock guard (off)
     unet_stop: int | None = None  # stop after this step (replays a guard-stopped run)
+    unet_stop_file: str | None = None  # stop once this file exists (a manual guard)
 
 
 def training_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
@@ -57,52 +61,111 @@ def training_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
 # ---- VAE --------------------------------------------------------------------------------
 
 
-def train_vae(vae, x: np.ndarray, steps: int, batch: int, seed: int, log: Log = print):
-    """L1 + L2 reconstruction of posterior samples, KL weight 1e-4; Adam 2e-3 -> cosine.
+def train_vae(vae, x: np.ndarray, opts: TrainOptions, log: Log = print, teacher=None):
+    """L1 + L2 reconstruction of posterior samples, L1 channel spread, KL weight 1e-4; Adam
+    2e-3 -> cosine.
+
+    Half of each batch is decoded from a posterior sample plus Gaussian noise (per pixel, and
+    half as much as a per-channel offset) of a random scale up to `opts.vae_latent_noise`
+    latent standard deviations, so that the decoder maps latents near the data's (what a UNet
+    generates) to clean gray images: the first shipped VAE, 300 steps on clean latents only,
+    turned the UNet's latent errors into colour speckle and grey borders, and every decoded
+    corner pixel was ~32/255 brighter than its neighbours.
+
+    With a `teacher` (module, params), another VAE's latent space is kept (a UNet trained on
+    it works unchanged): the decoder reconstructs from the teacher's posterior samples, and the
+    encoder regresses the teacher's posterior (mean MSE / its variance + 0.01 logvar MSE)
+    instead of the KL term.
 
     Args:
-      vae: an `AutoencoderKL`; x: gray images `[N, 32, 32, 1]` in [-1, 1] (replicated to RGB).
+      vae: an `AutoencoderKL`; x: gray images `[N, 32, 32, 1]` in [-1, 1], shown to the VAE
+        (and the teacher) nearest-upscaled by its factor and replicated to RGB.
+      opts: seed, vae_steps, vae_batch, vae_latent_noise.
+      teacher: None, or (AutoencoderKL, params) whose latent has the same shape.
     Returns:
-      (params, stats: steps, batch, final_mse, seconds)
+      (params, stats: steps, batch, latent_noise, final_mse, final_mse_noisy_half, seconds)
     """
+    f, steps, batch, seed = vae.config.downsample_factor, opts.vae_steps, opts.vae_batch, opts.seed
+    f_t = None if teacher is None else teacher[0].config.downsample_factor
     rng = np.random.default_rng(seed)
-    params = vae.init(jax.random.key(seed), np.repeat(x[:1], 3, -1))["params"]
+    params = vae.init(jax.random.key(seed), np.repeat(upscale(x[:1], f), 3, -1))["params"]
     opt = optax.chain(
         optax.clip_by_global_norm(1.0),
         optax.adam(optax.warmup_cosine_decay_schedule(0, 2e-3, min(50, steps // 5), steps, 1e-4)),
     )
     state = opt.init(params)
+    half = batch // 2
 
     @jax.jit
-    def step(params, state, xb, key):
+    def step(params, state, xb, xt, key):
+        k_post, k_noise, k_scale = jax.random.split(key, 3)
+        if teacher is not None:
+            t_mean, t_logvar = teacher[0].apply({"params": teacher[1]}, xt, method="encode")
+
         def loss_fn(p):
             mean, logvar = vae.apply({"params": p}, xb, method="encode")
-            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+            if teacher is None:
+                kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1.0 - logvar)
+                latent_loss = 1e-4 * kl
+            else:
+                latent_loss = jnp.mean((mean - t_mean) ** 2) / jnp.var(t_mean)
+                latent_loss += 0.01 * jnp.mean((logvar - t_logvar) ** 2)
+                mean, logvar = t_mean, t_logvar  # decode the teacher's latents
+            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_post, mean.shape)
+            m = batch - half
+            scale = jax.random.uniform(k_scale, (m, 1, 1, 1)) * opts.vae_latent_noise
+            k_pix, k_off = jax.random.split(k_noise)
+            # per-pixel noise plus half as much per-channel offset, in latent stds
+            noise = jax.random.normal(k_pix, z[half:].shape)
+            noise = noise + 0.5 * jax.random.normal(k_off, (m, 1, 1, z.shape[-1]))
+            noise = scale * jax.lax.stop_gradient(jnp.std(mean)) * noise
+            z = jnp.concatenate([z[:half], z[half:] + noise])  # [batch, h, w, 4]
             rec = vae.apply({"params": p}, z, method="decode")
-            kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1.0 - logvar)
             err = rec - xb
-            return jnp.mean(jnp.abs(err)) + jnp.mean(err**2) + 1e-4 * kl, jnp.mean(err**2)
+            mse = jnp.mean(err**2, axis=(1, 2, 3))  # [batch]
+            colour = jnp.mean(jnp.abs(rec - rec.mean(-1, keepdims=True)))  # the targets are gray
+            loss = jnp.mean(jnp.abs(err)) + jnp.mean(mse) + colour + latent_loss
+            return loss, (jnp.mean(mse[:half]), jnp.mean(mse[half:]))
 
-        (loss, mse), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, mses), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
         u, state = opt.update(g, state)
-        return optax.apply_updates(params, u), state, loss, mse
+        return optax.apply_updates(params, u), state, loss, mses
 
     t0, mses = time.time(), []
     for i in range(steps):
         idx = rng.integers(0, len(x), batch)
-        xb = np.repeat(x[idx], 3, axis=-1)  # [batch, 32, 32, 3]
-        params, state, loss, mse = step(params, state, xb, jax.random.key(seed * 7919 + i))
-        mses.append(float(mse))
+        xb = np.repeat(upscale(x[idx], f), 3, axis=-1)  # [batch, 32f, 32f, 3]
+        xt = None if teacher is None else np.repeat(upscale(x[idx], f_t), 3, axis=-1)
+        params, state, loss, mse = step(params, state, xb, xt, jax.random.key(seed * 7919 + i))
+        mses.append([float(m) for m in mse])
         if (i + 1) % 100 == 0 or i + 1 == steps:
-            log(f"vae step {i + 1}/{steps}: loss {float(loss):.4f} mse {np.mean(mses[-50:]):.5f}")
-    stats = {"steps": steps, "batch": batch, "final_mse": float(np.mean(mses[-50:]))}
+            m = np.mean(mses[-50:], axis=0)
+            el = time.time() - t0
+            log(
+                f"vae step {i + 1}/{steps}: loss {float(loss):.4f} mse {m[0]:.5f} "
+                f"(noisy latents {m[1]:.5f}) ({el / (i + 1):.2f} s/step, {el / 60:.1f} min)"
+            )
+    m = np.mean(mses[-50:], axis=0)
+    stats = {
+        "steps": steps,
+        "batch": batch,
+        "latent_noise": opts.vae_latent_noise,
+        "latent_space": "its own (KL 1e-4)" if teacher is None else "the teacher VAE's",
+        "final_mse": float(m[0]),
+        "final_mse_noisy_half": float(m[1]),
+    }
     return params, {**stats, "seconds": time.time() - t0}
 
 
 def encode_all(vae, params, x: np.ndarray) -> np.ndarray:
-    """Posterior means `[N, 32, 32, 4]` (unscaled) of gray images replicated to RGB."""
+    """Posterior means `[N, 32, 32, 4]` (unscaled) of gray 32x32 images, shown to the VAE
+    upscaled by its factor and replicated to RGB."""
+    f = vae.config.downsample_factor
     enc = jax.jit(lambda p, xb: vae.apply({"params": p}, xb, method="encode")[0])
-    out = [np.asarray(enc(params, np.repeat(x[i : i + 500], 3, -1))) for i in range(0, len(x), 500)]
+    out = [
+        np.asarray(enc(params, np.repeat(upscale(x[i : i + 500], f), 3, -1)))
+        for i in range(0, len(x), 500)
+    ]
     return np.concatenate(out)
 
 
@@ -187,6 +250,7 @@ def train_unet(
     labels: np.ndarray,
     opts: TrainOptions,
     log: Log = print,
+    init: dict | None = None,
 ) -> tuple[dict, dict]:
     """Epsilon objective, min-SNR-5 weights, 10% condition dropout, AdamW, EMA of the weights.
 
@@ -195,6 +259,7 @@ def train_unet(
         the empty prompt "" (row 10): `[11, 77, 64]`, `[11, 32]`.
       latents: scaled VAE latents `[N, 32, 32, 4]`; labels: class ids `[N]`.
       opts: steps, batch, learning rate, EMA decay, wall-clock guard, replay stop.
+      init: params to continue training from (default: a fresh init from `opts.seed`).
     Returns:
       (EMA params of the UNet, stats)
     """
@@ -204,7 +269,10 @@ def train_unet(
     embeds, pooled = jnp.asarray(embeds), jnp.asarray(pooled)
     added0 = {"text_embeds": pooled[:1], "time_ids": time_ids[:1]}
     x0 = latents[:1].astype(np.float32)
-    params = unet.init(jax.random.key(seed), x0, jnp.zeros((1,)), embeds[:1], added0)["params"]
+    if init is not None:
+        params = jax.tree.map(jnp.array, init)  # a copy: the step donates its params
+    else:
+        params = unet.init(jax.random.key(seed), x0, jnp.zeros((1,)), embeds[:1], added0)["params"]
     warmup = min(100, opts.unet_steps // 5)
     lr = optax.warmup_cosine_decay_schedule(
         0.0, opts.unet_lr, warmup, opts.unet_steps, opts.unet_lr * 0.1
@@ -268,10 +336,14 @@ def train_unet(
             stopped = True
             log(f"unet: wall-clock guard ({opts.unet_minutes} min) stopped training at {done}")
             break
+        if opts.unet_stop_file and os.path.exists(opts.unet_stop_file):
+            stopped = True
+            log(f"unet: {opts.unet_stop_file} exists: stopped training at {done}")
+            break
     stats = {
         "steps": done,
         "steps_planned": opts.unet_steps,
-        "stopped_by_time_guard": stopped,
+        "stopped_early": stopped,  # by the time guard or the stop file: replay with unet_stop
         "batch": b,
         "lr": opts.unet_lr,
         "ema_decay": opts.ema,
