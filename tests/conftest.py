@@ -32,3 +32,14 @@ def tiny_sdxl(tmp_path_factory):
     from tests.tiny_sdxl import write_tiny_sdxl
 
     return write_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+# Tests that take minutes each on CI's 2 cores, kept out of its 30 minutes (`-m long` runs
+# them; pyproject's addopts deselects them): measured with `--durations` on the whole suite.
+LONG_TESTS: frozenset[str] = frozenset()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("[")[0] in LONG_TESTS:
+            item.add_marker(pytest.mark.long)
