@@ -34,12 +34,21 @@ def tiny_sdxl(tmp_path_factory):
     return write_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
 
 
-# Tests that take minutes each on CI's 2 cores, kept out of its 30 minutes (`-m long` runs
-# them; pyproject's addopts deselects them): measured with `--durations` on the whole suite.
-LONG_TESTS: frozenset[str] = frozenset()
+# Test files (or node ids) that take minutes per test on CI's 2 cores, kept out of its 30
+# minutes (`-m long` runs them; pyproject's addopts deselects them). The whole suite took ~45
+# min here with them: multi-step pipelines vs diffusers and many compiled parallel programs.
+LONG_TESTS: frozenset[str] = frozenset(
+    {
+        "tests/test_controlnet_parallel.py",
+        "tests/test_controlnet_pipeline.py",
+        "tests/test_refiner.py",
+        "tests/parallel/test_compress_step.py",
+    }
+)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.nodeid.split("[")[0] in LONG_TESTS:
+        node = item.nodeid.split("[")[0]
+        if node in LONG_TESTS or node.split("::")[0] in LONG_TESTS:
             item.add_marker(pytest.mark.long)
