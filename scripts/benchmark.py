@@ -64,7 +64,11 @@ split). Every process gets one compute thread (`--xla_cpu_multi_thread_eigen=fal
 intra_op_parallelism_threads=1`) and is pinned to its own core with `taskset -c` (`--cores`;
 the 1-process run uses the first). Steps 0..w are synchronous, w+1.. displaced; the first call
 of each of the three jitted step functions (steps 0, 1, w+1) compiles (the step driver reports
-which did) and is reported apart.
+which did) and is reported apart. A mode `MODE[+fused]:CODEC` codes the displaced exchange
+(`ParallelConfig(compress=CODEC)`, e.g. `corrected_async_gn+fused:residual+int4`).
+`--link-rate RATE` (root, iproute2's tc) rate-limits the loopback interface with a token bucket
+(`tc qdisc add dev lo root tbf rate RATE burst 64kb latency 50ms`) for the runs and removes it
+afterwards: a slow link between the two processes, as between nodes.
 The step time is the median over the other displaced steps (`--repeats` per run) of the slower
 process, pooled over `--rounds` interleaved repetitions of all runs; the median of the steady
 synchronous steps (2..w) is reported too. The shipped tiny model's VAE factor is 2 (it was 1
@@ -82,6 +86,8 @@ JSON (`--json`, default results/scaling.json): {"kind": "scaling", "model": str,
 "compile_and_first_steps_s": float, "load_seconds": float, "wall_seconds": float,
 "load_average": [float]}]}], "speedup": float (1-process / 2-process corrected_async_gn
 median step), "speedup_fused": float | null (the same for corrected_async_gn+fused),
+"best_compressed": {"mode": str, "speedup_vs_1": float} | null (the fastest MODE:CODEC run),
+"link_rate": str | null (`--link-rate`),
 "cost": {"n1/MODE" | "n2/MODE": {"flops_per_device": float, "exchanged_bytes": float,
 "collective_calls": int, "by_kind": {...}}} (XLA cost analysis and the step's collectives,
 abstract shapes), "seconds_total": float}.
@@ -99,6 +105,7 @@ from pathlib import Path
 # JAX-free imports only: main() sets XLA_FLAGS before JAX is first imported.
 from distrifusion_jax.eval.mode_labels import mode_fields
 from distrifusion_jax.eval.scaling import DEFAULT_MODES
+from distrifusion_jax.parallel.config import parse_compress
 from distrifusion_jax.tiny import MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +134,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cfg-split", action="store_true", help="(model) CFG halves on 2 groups")
     p.add_argument("--steps", type=int, default=20, help="(model) sampling steps")
     p.add_argument("--link-gbps", type=float, default=200.0, help="(--sdxl-shapes) projection")
+    p.add_argument(
+        "--codecs",
+        nargs="+",
+        default=[],
+        help="(--sdxl-shapes) also trace these compress codecs: bytes per codec; with n = 16 in "
+        "--patches (--cpu-devices 16) a 2-node x 8-GPU projection",
+    )
+    p.add_argument(
+        "--inter-node-gbps", type=float, default=25.0, help="(--codecs) GB/s per GPU between nodes"
+    )
     p.add_argument("--repeats", type=int, default=8, help="(--scaling) steady steps per run")
     p.add_argument("--cpu-devices", type=int, default=8)
     p.add_argument(
@@ -139,9 +156,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scaling-modes",
         nargs="+",
         default=list(DEFAULT_MODES),
-        help="(--scaling) modes; MODE+fused exchanges a displaced step's sends at once",
+        help="(--scaling) modes; MODE+fused exchanges a displaced step's sends at once, "
+        "MODE[+fused]:CODEC compresses them (e.g. corrected_async_gn+fused:residual+int4)",
     )
     p.add_argument("--cores", type=int, nargs=2, default=[0, 1], help="CPU cores to pin to")
+    p.add_argument(
+        "--link-rate",
+        default=None,
+        metavar="RATE",
+        help="(--scaling) rate-limit loopback during the runs with tc (root), e.g. 200mbit",
+    )
     p.add_argument("--scheduler", default="ddim", help="sampler")
     p.add_argument("--warmup-steps", type=int, default=4, help="w")
     p.add_argument("--scaling-timeout", type=int, default=1200, help="seconds per run")
@@ -163,6 +187,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             mode_fields(label)
         except ValueError as e:
             p.error(f"{flag}: {e}")
+    for codec in args.codecs:
+        try:
+            parse_compress(codec)
+        except ValueError as e:
+            p.error(f"--codecs: {e}")
     if args.json is None:
         flags = ["unet_vs_torch", "startup", "scaling", "sdxl_shapes"]
         name = next((f for f in flags if getattr(args, f)), "benchmark")
@@ -234,8 +263,13 @@ def main(argv: list[str] | None = None) -> int:
             modes=tuple(args.scaling_modes),
             cores=tuple(args.cores),
             timeout=args.scaling_timeout,
+            link_rate=args.link_rate,
         )
-        res = scaling(opts)
+        try:
+            res = scaling(opts)
+        except RuntimeError as e:  # --link-rate without root or tc
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         res["seconds_total"] = time.perf_counter() - t0
         out = write_json(args.json, res)
         if not args.no_plots:
@@ -243,21 +277,33 @@ def main(argv: list[str] | None = None) -> int:
         print_scaling(res)
         return 0
     if args.sdxl_shapes:
-        from distrifusion_jax.eval.benchmark_sdxl import print_sdxl_table, sdxl_rows
+        from distrifusion_jax.eval.benchmark_sdxl import (
+            print_codec_tables,
+            print_sdxl_table,
+            sdxl_rows,
+            two_node_projection,
+        )
 
-        rows = sdxl_rows(args.resolutions, args.patches, args.mode, args.pcpp, args.link_gbps)
+        rows = sdxl_rows(
+            args.resolutions, args.patches, args.mode, args.pcpp, args.link_gbps,
+            tuple(args.codecs),
+        )  # fmt: skip
+        projection = two_node_projection(rows, inter_gbps=args.inter_node_gbps)
         res = {
             "kind": "sdxl_shapes",
             "mode": args.mode,
             "pcpp": args.pcpp,
             "link_gbps": args.link_gbps,
+            "codecs": args.codecs,
             "rows": rows,
+            "two_node_projection": projection,
             "seconds_total": time.perf_counter() - t0,
         }
         out = write_json(args.json, res)
         if not args.no_plots:
             plots.plot_sdxl(rows, out.with_suffix(".png"))
         print_sdxl_table(rows, args.link_gbps)
+        print_codec_tables(rows, projection)
         return 0
     from distrifusion_jax.eval.benchmark_model import model_rows, print_model_table
 

@@ -22,13 +22,18 @@ single-device image up to float rounding); corrected_async_gn n = 2, 4, 8 with w
 steps; the warm-up ablation w = 0, 1, 2 (+4) at n = 8; the GroupNorm ablation stale_gn, sync_gn,
 separate_gn (+ corrected_async_gn) and no_sync at n = 8; naive_patch `alternate` n = 2, 4, 8 and
 `row` n = 8 (no exchange at all; warm-up does not apply); PCPP (p = 0.3, corrected_async_gn,
-w = 4) n = 2, 4, 8. All configurations run the whole set as
-one batch (one compile each).
+w = 4) n = 2, 4, 8; the compressed exchange (corrected_async_gn, w = 4, n = 8) with each codec of
+`CODECS`: bf16, fp8, int8, int4 and residual+int8/int4/int2 (error feedback), with the bytes one
+device receives per displaced step (jaxpr count, by the dtype sent); img2img (strength 0.6 from
+the class's s-th Fashion-MNIST test image, posterior mean) n = 2, 4, 8, compared with the
+single-device img2img images. Text-to-image configurations run the whole set as one batch (one
+compile each); img2img runs one image per call.
 
 The study's code is in distrifusion_jax/eval/ (quality.py, metrics.py, classifier.py, plots.py).
 
 Outputs (`--out-dir`, default results/): quality.json, quality_vs_mode.png, quality_vs_warmup.png,
-quality_vs_n.png, quality_grid.png; the table is printed last.
+quality_vs_n.png, quality_vs_bytes.png (with the compress rows), quality_grid.png; the table is
+printed last.
 
 JSON schema (quality.json):
 {
@@ -39,12 +44,18 @@ JSON schema (quality.json):
   "lpips": {"net": "alexnet", "weights": str, "sha256": str, "input_size": int,
             "resize": "bilinear"},
   "reference": {"name": "single", "class_accuracy": float | null, "seconds": float},
+  "reference_img2img": {"name": "single-img2img", "strength": float, "inputs": str,
+                        "class_accuracy": float | null, "seconds": float},  # with img2img rows
   "configs": [{
       "name": str,                    # e.g. "corrected-n8", "warmup-w0-n8", "naive_row-n8"
       "mode": str, "n": int, "warmup_steps": int | null (null for naive_patch),
       "naive_split": str | null,
-      "groups": [str],                # plots: "n", "warmup", "gn", "naive", "exact", "pcpp"
+      "groups": [str],                # "n", "warmup", "gn", "naive", "exact", "pcpp",
+                                      # "compress", "img2img"
       "pcpp": float | null,           # PCPP portion p (null: DistriFusion attention)
+      "compress": str | null,         # exchange codec (null: uncompressed)
+      "task": "txt2img" | "img2img",  # img2img rows compare with reference_img2img
+      "exchanged_bytes_per_step": float,  # received by one device in one (displaced) step
       "psnr_mean": float | null,      # mean over images that differ (dB); null if all equal
       "psnr_std": float | null,
       "n_identical": int,             # images bit-identical to the single-device image
@@ -70,10 +81,13 @@ from pathlib import Path
 
 from distrifusion_jax.eval.quality import (
     EXACT_MAX_ABS_DIFF,
+    STRENGTH,
+    agreement,
     config_row,
     default_configs,
     fixed_pairs,
     generate,
+    img2img_inputs,
 )
 from distrifusion_jax.tiny import MODEL_DIR
 from distrifusion_jax.tiny.fashion_mnist import PROMPTS
@@ -113,7 +127,8 @@ def print_table(result: dict) -> None:
 
     head = (
         f"{'config':<22} {'mode':<21} {'n':>2} {'w':>2} {'PSNR dB':>8} {'SSIM':>6} "
-        f"{'LPIPS':>6} {'ident':>5} {'max|d|':>6} {'cls=ref':>7} {'cls=prm':>7} {'sec':>5}"
+        f"{'LPIPS':>6} {'ident':>5} {'max|d|':>6} {'cls=ref':>7} {'cls=prm':>7} {'MB/st':>6} "
+        f"{'sec':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -122,21 +137,24 @@ def print_table(result: dict) -> None:
     print(
         f"{'single':<22} {'(reference)':<21} {1:>2} {'-':>2} {'inf':>8} {1:>6.3f} {0:>6.3f} "
         f"{len(result['pairs']):>5} {0:>6} {f(agree, '.2f'):>7} "
-        f"{f(ref['class_accuracy'], '.2f'):>7} {ref['seconds']:>5.0f}"
+        f"{f(ref['class_accuracy'], '.2f'):>7} {0:>6.2f} {ref['seconds']:>5.0f}"
     )
     for c in result["configs"]:
         psnr = f(c["psnr_mean"], ".2f") if c["n_identical"] < len(result["pairs"]) else "inf"
         mode = c["mode"] + (f"/{c['naive_split']}" if c["naive_split"] else "")
+        mode += f"/{c['compress']}" if c["compress"] else ""
         print(
             f"{c['name']:<22} {mode:<21} {c['n']:>2} {f(c['warmup_steps'], 'd'):>2} {psnr:>8} "
             f"{c['ssim_mean']:>6.3f} {c['lpips_mean']:>6.3f} {c['n_identical']:>5} "
             f"{c['max_abs_diff']:>6} {f(c['class_agreement'], '.2f'):>7} "
-            f"{f(c['class_accuracy'], '.2f'):>7} {c['seconds']:>5.0f}"
+            f"{f(c['class_accuracy'], '.2f'):>7} {c['exchanged_bytes_per_step'] / 1e6:>6.2f} "
+            f"{c['seconds']:>5.0f}"
         )
     print(
         f"PSNR: mean over images that differ (ident = bit-identical images); LPIPS AlexNet at "
         f"{result['lpips']['input_size']} px; cls=ref / cls=prm: classifier agrees with the "
-        f"single-device image / with the prompt. Total {result['seconds_total']:.0f} s."
+        f"single-device image / with the prompt; MB/st: received per device per step "
+        f"(img2img rows: vs the single-device img2img images). Total {result['seconds_total']:.0f} s."
     )
 
 
@@ -184,10 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         "height": args.height,
         "width": args.width,
     }
-    ref, ref_s, (h, w) = generate(args.model, ParallelConfig(patches=1), pairs, **sampling)
-    ref_cls = classify(ref)
+    single = ParallelConfig(patches=1)
+    ref, ref_s, (h, w), _ = generate(args.model, single, pairs, **sampling)
     prompt_cls = np.array([PROMPTS.index(p) for p, _ in pairs])
     print(f"single device: {len(pairs)} images {h}x{w} in {ref_s:.0f} s", file=sys.stderr)
+    refs = {"txt2img": (ref, classify(ref), ref_s)}  # task -> (images, classes, seconds)
+    inputs = None
+    if any(c.task == "img2img" for c in configs):
+        inputs = img2img_inputs(pairs, h)
+        ref_i, ref_i_s, _, _ = generate(args.model, single, pairs, **sampling, images=inputs)
+        refs["img2img"] = (ref_i, classify(ref_i), ref_i_s)
+        print(f"single device img2img: {ref_i_s:.0f} s", file=sys.stderr)
+    ref_cls = refs["txt2img"][1]
     result = {
         "schema": "distrifusion-jax/quality/v1",
         "model": str(model),
@@ -208,17 +234,29 @@ def main(argv: list[str] | None = None) -> int:
         "reference": {
             "name": "single",
             "seconds": ref_s,
-            "class_accuracy": None if ref_cls is None else float((ref_cls == prompt_cls).mean()),
+            "class_accuracy": agreement(ref_cls, prompt_cls),
         },
         "configs": [],
     }
+    if inputs is not None:
+        result["reference_img2img"] = {
+            "name": "single-img2img",
+            "strength": STRENGTH,
+            "inputs": "Fashion-MNIST test images: pair (class k, seed s) takes class k's s-th",
+            "seconds": refs["img2img"][2],
+            "class_accuracy": agreement(refs["img2img"][1], prompt_cls),
+        }
     images = {}
     for cfg in configs:
-        img, secs, _ = generate(args.model, cfg.parallel(), pairs, **sampling)
+        base, base_cls, _ = refs[cfg.task]
+        task_inputs = inputs if cfg.task == "img2img" else None
+        img, secs, _, nbytes = generate(
+            args.model, cfg.parallel(), pairs, **sampling, images=task_inputs
+        )
         images[cfg.name] = img
-        per = image_metrics(ref, img, lpips)
+        per = image_metrics(base, img, lpips)
         row = config_row(
-            cfg, per, summarize(per, ref, img), classify(img), ref_cls, prompt_cls, secs
+            cfg, per, summarize(per, base, img), classify(img), base_cls, prompt_cls, secs, nbytes
         )
         result["configs"].append(row)
         print(

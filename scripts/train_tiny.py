@@ -49,7 +49,13 @@ import time
 from pathlib import Path
 
 from distrifusion_jax.tiny import MODEL_DIR
-from distrifusion_jax.tiny.recipe import log, retrofit_and_save, train_and_save
+from distrifusion_jax.tiny.recipe import (
+    TRAINED,
+    clean_decoder,
+    log,
+    retrofit_and_save,
+    train_and_save,
+)
 from distrifusion_jax.tiny.samples import sample_and_report
 from distrifusion_jax.tiny.train import TrainOptions
 
@@ -99,6 +105,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--unet-stop-file", default=d.unet_stop_file, help="stop the UNet once this file exists"
     )
+    p.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=d.decoder_steps,
+        help="last phase: fine-tune the VAE decoder on the UNet's own latents (0: skip)",
+    )
+    p.add_argument(
+        "--decoder-seeds", type=int, default=d.decoder_seeds, help="its latents per class prompt"
+    )
+    p.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="only the last phase, on the model already in --out (in place)",
+    )
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--grid-seeds", type=int, default=8)
@@ -136,15 +156,21 @@ def main(argv: list[str] | None = None) -> None:
         return
     t_start = time.time()
     opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
-    if args.from_model:
+    if args.decoder_only:
+        report = json.loads((out / "training.json").read_text())
+        report["vae_decoder_tuned"] = clean_decoder(out, opts)
+        report["trained"]["vae decoder (last)"] = TRAINED["vae decoder (last)"]
+        report.pop("samples", None)
+    elif args.from_model:
         report = retrofit_and_save(out, Path(args.from_model), opts)
     else:
         report = train_and_save(out, opts, smoke=args.smoke)
     report = sample_and_report(out, report, **sampling)
-    report["wall_seconds"] = round(time.time() - t_start, 1)
+    wall = "decoder_wall_seconds" if args.decoder_only else "wall_seconds"
+    report[wall] = round(time.time() - t_start, 1)
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     mb = report["model_dir_bytes"] / 1e6
-    log(f"done in {report['wall_seconds'] / 60:.1f} min; {out}: {mb:.1f} MB")
+    log(f"done in {report[wall] / 60:.1f} min; {out}: {mb:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -94,8 +94,59 @@ def test_script_writes_json(tmp_path):
 
 def test_mode_labels():
     """Labels are the library's modes, optionally `+fused`; bad labels name the fix."""
-    assert mode_fields("stale_gn+fused") == {"mode": "stale_gn", "fused_exchange": True}
-    assert mode_fields("full_sync") == {"mode": "full_sync", "fused_exchange": False}
-    for bad in ("corrected", "corrected_async_gn+fast"):
+    assert mode_fields("stale_gn+fused") == {
+        "mode": "stale_gn",
+        "fused_exchange": True,
+        "compress": None,
+    }
+    assert mode_fields("full_sync")["fused_exchange"] is False
+    assert mode_fields("corrected_async_gn+fused:residual+int4") == {
+        "mode": "corrected_async_gn",
+        "fused_exchange": True,
+        "compress": "residual+int4",
+    }
+    assert mode_fields("corrected_async_gn:bf16")["compress"] == "bf16"
+    for bad in ("corrected", "corrected_async_gn+fast", "corrected_async_gn:"):
         with pytest.raises(ValueError, match=r"\+fused"):
             mode_fields(bad)
+    with pytest.raises(ValueError, match="int4"):  # the message lists the codecs
+        mode_fields("corrected_async_gn:int3")
+
+
+def test_throttled_loopback_refuses_cleanly():
+    """No rate: nothing changes. A rate tc cannot apply (not root, no tc, or a bad rate) is a
+    RuntimeError that says how to fix it, and leaves no qdisc behind."""
+    import shutil
+    import subprocess
+
+    from distrifusion_jax.eval.scaling import throttled_loopback
+
+    with throttled_loopback(None):
+        pass
+    with pytest.raises(RuntimeError, match="root|failed"), throttled_loopback("not-a-rate"):
+        pass
+    if shutil.which("tc"):
+        shown = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True,
+                               text=True, check=False).stdout  # fmt: skip
+        assert "tbf" not in shown
+
+
+def test_two_node_projection():
+    """The boundary device gets 8/15 of its K,V and one halo over the inter-node link; a codec
+    that shrinks the bytes turns a link-bound step compute-bound."""
+    from distrifusion_jax.eval.benchmark_sdxl import PAPER_ONE_GPU_STEP_S, two_node_projection
+
+    gb = 1e9
+    row = {"resolution": 2048, "n": 16, "flops_ratio_vs_1": 0.07,
+           "codec_bytes": {"none": {"all_gather@patch": 3 * gb, "ppermute@patch": 0.2 * gb},
+                           "int4": {"all_gather@patch": 0.75 * gb, "ppermute@patch": 0.05 * gb}}}  # fmt: skip
+    proj = two_node_projection([row, {**row, "n": 8}])  # n = 8: one node, not projected
+    assert [p["codec"] for p in proj] == ["none", "int4"]
+    none, int4 = proj
+    assert none["inter_node_bytes"] == pytest.approx(3 * gb * 8 / 15 + 0.1 * gb)
+    assert none["inter_node_bytes"] + none["intra_node_bytes"] == pytest.approx(3.2 * gb)
+    compute = PAPER_ONE_GPU_STEP_S[2048] * 0.07
+    assert none["comm_ms"] == pytest.approx(none["inter_node_bytes"] / 25e9 * 1e3)
+    assert not none["compute_bound"] and int4["compute_bound"]
+    assert int4["speedup_vs_1"] == pytest.approx(1 / 0.07)
+    assert none["compute_ms"] == pytest.approx(compute * 1e3)

@@ -54,17 +54,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def controlnets_of(args: argparse.Namespace) -> list[tuple[str, float]]:
-    """`--controlnet PATH[:SCALE]` values as (path, scale); a suffix that is no number stays in
-    PATH."""
+def path_and_scale(values: list[str]) -> list[tuple[str, float]]:
+    """`PATH[:SCALE]` flag values (`--controlnet`, `--lora`) as (path, scale), scale default 1.0;
+    a suffix that is no number stays in PATH (a Windows drive, a colon in a name)."""
     out = []
-    for value in args.controlnet:
+    for value in values:
         path, _, scale = value.rpartition(":")
         try:
             out.append((path, float(scale)) if path else (value, 1.0))
         except ValueError:
             out.append((value, 1.0))
     return out
+
+
+def controlnets_of(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """`--controlnet PATH[:SCALE]` values as (path, scale)."""
+    return path_and_scale(args.controlnet)
 
 
 def _per_net(values: list[float], k: int, flag: str, default: float) -> list[float]:

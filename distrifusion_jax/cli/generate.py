@@ -185,15 +185,8 @@ def jobs_of(args: argparse.Namespace) -> list[Job]:
 
 
 def loras_of(args: argparse.Namespace) -> list[tuple[str, float]]:
-    """`--lora PATH[:SCALE]` values as (path, scale); a suffix that is no number stays in PATH."""
-    out = []
-    for value in args.lora:
-        path, _, scale = value.rpartition(":")
-        try:
-            out.append((path, float(scale)) if path else (value, 1.0))
-        except ValueError:
-            out.append((value, 1.0))
-    return out
+    """`--lora PATH[:SCALE]` values as (path, scale)."""
+    return control_args.path_and_scale(args.lora)
 
 
 def check_inputs(args: argparse.Namespace, jobs: list[Job]) -> None:

@@ -98,6 +98,7 @@ def model_rows(
             "n": n,
             "mode": pc.mode,
             "fused_exchange": pc.fused_exchange,
+            "compress": pc.compress,
             "cfg_split": cfg_split,
             "devices": pc.num_devices,
             "batch": 2,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,7 @@ def sdxl_rows(
     mode: str = "corrected_async_gn",
     pcpp: float | None = None,
     link_gbps: float = 200.0,
+    codecs: tuple[str, ...] = (),
 ) -> list[dict]:
     """One row per (resolution, n), n = 1 first; batch 2 (the CFG pair), bf16 activations.
 
@@ -60,6 +62,8 @@ def sdxl_rows(
       patches: n values (1 is always added as the baseline).
       mode: a `mode_labels` label; pcpp: PCPP portion or None.
       link_gbps: the projection's link bandwidth (GB/s).
+      codecs: `compress` codecs whose step is traced too for n > 1: the row's
+        "codec_bytes" {codec: {collective kind: bytes received per device per step}}.
     """
     model = UNet2DConditionModel(sdxl_base(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     f32 = jnp.float32
@@ -109,6 +113,11 @@ def sdxl_rows(
                     row["projected_speedup_displaced_no_comm_calibrated"] = t1 / max(no_comm, comm)
                     row["projected_speedup_sync_no_comm_calibrated"] = t1 / (no_comm + comm)
             row["paper_speedup"] = PAPER_SPEEDUP.get((res, n))
+            if n > 1 and codecs:
+                row["codec_bytes"] = {"none": {k: v["bytes"] for k, v in c.by_kind.items()}}
+                for codec in codecs:
+                    coded = step_cost(model, params, replace(pc, compress=codec), lat, cond)
+                    row["codec_bytes"][codec] = {k: v["bytes"] for k, v in coded.by_kind.items()}
             rows.append(row)
             print(f"  traced {res}^2 n={n} in {row['trace_seconds']:.1f} s", file=sys.stderr)
     return rows
@@ -152,4 +161,75 @@ def print_sdxl_table(rows: list[dict], link_gbps: float) -> None:
                 f"{r['projected_speedup_sync_no_comm_calibrated']:.2f}x (paper: "
                 f"{r['paper_speedup']:.1f}x DistriFusion; exchange "
                 f"{r['projected_comm_ms']:.1f} ms/step at {link_gbps:.0f} GB/s)"
+            )
+
+
+def two_node_projection(
+    rows: list[dict], per_node: int = 8, intra_gbps: float = 200.0, inter_gbps: float = 25.0
+) -> list[dict]:
+    """When does each codec make the displaced step compute-bound again on 2 nodes?
+
+    For each row with n = 2 * `per_node` row bands and "codec_bytes": bands 0..7 on node 0,
+    8..15 on node 1. The worst device (at the node boundary) receives over the inter-node link
+    `per_node / (n - 1)` of its all-gathered K,V and one of its two halos; the rest over NVLink.
+    Both links run at once and beside the compute (displaced: overlapped), so the step takes
+    max(compute, intra bytes / `intra_gbps`, inter bytes / `inter_gbps`); compute is the
+    paper's 1-GPU step (`PAPER_ONE_GPU_STEP_S`) times the row's FLOPs ratio.
+
+    Returns:
+      one dict per (resolution, codec): bytes, milliseconds, "compute_bound", "speedup_vs_1".
+    """
+    out = []
+    for r in rows:
+        n, res = r["n"], r["resolution"]
+        if n != 2 * per_node or "codec_bytes" not in r or res not in PAPER_ONE_GPU_STEP_S:
+            continue
+        t1 = PAPER_ONE_GPU_STEP_S[res]
+        compute = t1 * r["flops_ratio_vs_1"]
+        for codec, kinds in r["codec_bytes"].items():
+            gather = sum(b for k, b in kinds.items() if k.startswith("all_gather"))
+            halo = sum(b for k, b in kinds.items() if k.startswith("ppermute"))
+            inter = gather * per_node / (n - 1) + halo / 2
+            intra = gather + halo - inter
+            comm = max(intra / (intra_gbps * 1e9), inter / (inter_gbps * 1e9))
+            out.append({
+                "resolution": res, "n": n, "codec": codec, "inter_node_bytes": inter,
+                "intra_node_bytes": intra, "compute_ms": compute * 1e3, "comm_ms": comm * 1e3,
+                "compute_bound": compute >= comm, "speedup_vs_1": t1 / max(compute, comm),
+                "intra_gbps": intra_gbps, "inter_gbps": inter_gbps,
+            })  # fmt: skip
+    return out
+
+
+def print_codec_tables(rows: list[dict], projection: list[dict]) -> None:
+    """Bytes per device per step by codec (rows with "codec_bytes"), and the 2-node projection."""
+    coded = [r for r in rows if "codec_bytes" in r]
+    if coded:
+        codecs = list(coded[0]["codec_bytes"])
+        head = f"{'res':>5} {'n':>2} " + " ".join(f"{c:>14}" for c in codecs)
+        print("MB received per device per displaced step, by codec ('none': bf16 activations)")
+        print(head)
+        print("-" * len(head))
+        for r in coded:
+            mb = [sum(r["codec_bytes"][c].values()) / 1e6 for c in codecs]
+            print(f"{r['resolution']:>5} {r['n']:>2} " + " ".join(f"{v:>14.1f}" for v in mb))
+    if projection:
+        p0 = projection[0]
+        print(
+            f"2 nodes x {p0['n'] // 2} GPUs (n = {p0['n']} bands): NVLink {p0['intra_gbps']:.0f} "
+            f"GB/s inside a node, {p0['inter_gbps']:.0f} GB/s per GPU between nodes; step = "
+            "max(compute, intra, inter), compute = the paper's 1-GPU step x FLOPs ratio"
+        )
+        head = (
+            f"{'res':>5} {'codec':>14} {'inter MB':>9} {'comm ms':>8} {'compute ms':>10} "
+            f"{'bound':>8} {'proj x':>7}"
+        )
+        print(head)
+        print("-" * len(head))
+        for p in projection:
+            bound = "compute" if p["compute_bound"] else "link"
+            print(
+                f"{p['resolution']:>5} {p['codec']:>14} {p['inter_node_bytes'] / 1e6:>9.1f} "
+                f"{p['comm_ms']:>8.1f} {p['compute_ms']:>10.1f} {bound:>8} "
+                f"{p['speedup_vs_1']:>7.2f}"
             )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distrifusion_jax.eval.quality import PCPP
+from distrifusion_jax.eval.quality import PCPP, STRENGTH
 
 
 def _pyplot():
@@ -227,10 +227,13 @@ def plot_quality(
         "naive patch (alternate)": [
             c for c in result["configs"] if c["naive_split"] == "alternate"
         ],
+        f"img2img (strength {STRENGTH}), DistriFusion": [
+            c for c in result["configs"] if "img2img" in c["groups"]
+        ],
     }
     if any(series.values()):
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-        for (label, cs), style in zip(series.items(), ("o-", "s--", "^-.")):
+        for (label, cs), style in zip(series.items(), ("o-", "s--", "^-.", "d:")):
             cs = sorted(cs, key=lambda c: c["n"])
             if not cs:
                 continue
@@ -251,6 +254,9 @@ def plot_quality(
         fig.savefig(out_dir / "quality_vs_n.png", dpi=110)
         plt.close(fig)
         written.append("quality_vs_n.png")
+
+    if any("compress" in c["groups"] for c in result["configs"]):
+        written.append(_plot_bytes(plt, result, title, out_dir))
 
     cols = [("single device", None, ref)]
     big = max(c["n"] for c in result["configs"])
@@ -292,3 +298,38 @@ def plot_quality(
         plt.close(fig)
         written.append("quality_grid.png")
     return written
+
+
+def _plot_bytes(plt, result: dict, title: str, out_dir: Path) -> str:
+    """quality_vs_bytes.png: LPIPS vs the bytes a device receives per displaced step, for the
+    uncompressed exchange and every codec at the same n (naive patch: a line, it sends none)."""
+    rows = [c for c in result["configs"] if "compress" in c["groups"]]
+    n = rows[0]["n"]
+    base = next((c for c in result["configs"] if c["name"] == f"corrected-n{n}"), None)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for c in ([base] if base else []) + rows:
+        codec = c["compress"] or "none (fp32)"
+        colour = "tab:green" if codec.startswith("residual") else "tab:blue"
+        colour = "black" if c is base else colour
+        mb = c["exchanged_bytes_per_step"] / 1e6
+        ax.errorbar(mb, c["lpips_mean"], yerr=c["lpips_std"], fmt="o", color=colour, capsize=3)
+        ax.annotate(codec, (mb, c["lpips_mean"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")  # fmt: skip
+    naive = next((c for c in result["configs"] if c["name"] == f"naive_alternate-n{n}"), None)
+    if naive:
+        ax.axhline(naive["lpips_mean"], ls="--", color="tab:red", lw=1)
+        ax.text(ax.get_xlim()[0], naive["lpips_mean"], " naive patch (no exchange)", fontsize=7,
+                va="bottom", color="tab:red")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("MB received per device per displaced step (jaxpr count)")
+    ax.set_ylabel("LPIPS (AlexNet) vs single device, lower = closer")
+    ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"compressed exchange, n = {n} (blue: plain codec, green: residual + error feedback)"
+        f"\n{title}",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(out_dir / "quality_vs_bytes.png", dpi=110)
+    plt.close(fig)
+    return "quality_vs_bytes.png"

@@ -18,6 +18,10 @@ from distrifusion_jax.parallel.config import ParallelConfig
 
 SEEDS = (0, 1)
 PCPP = 0.3  # the PCPP paper's portion of each neighbour band
+# Codecs of the compressed exchange rows (issue 17): plain casts and quantizers, and the same
+# with error feedback (`residual+`), to show what it buys.
+CODECS = ("bf16", "fp8", "int8", "int4", "residual+int8", "residual+int4", "residual+int2")
+STRENGTH = 0.6  # img2img rows: the share of the steps run from the noised real image
 # full_sync must reproduce the single-device image: float reassociation may flip a pixel level.
 EXACT_MAX_ABS_DIFF = 1
 
@@ -31,8 +35,10 @@ class QualityConfig:
     n: int
     warmup_steps: int | None = 4  # None: naive_patch (warm-up does not apply)
     naive_split: str | None = None
-    groups: tuple[str, ...] = ()  # "n", "warmup", "gn", "naive", "exact", "pcpp"
+    groups: tuple[str, ...] = ()  # "n", "warmup", "gn", "naive", "exact", "pcpp", ...
     pcpp: float | None = None
+    compress: str | None = None  # codec of the displaced exchange (`parallel/codec.py`)
+    task: str = "txt2img"  # or "img2img" (compared with the single-device img2img images)
 
     def parallel(self) -> ParallelConfig:
         return ParallelConfig(
@@ -41,6 +47,7 @@ class QualityConfig:
             naive_split=self.naive_split or "row",
             warmup_steps=4 if self.warmup_steps is None else self.warmup_steps,
             pcpp=self.pcpp,
+            compress=self.compress,
         )
 
 
@@ -85,7 +92,26 @@ def default_configs(n_max: int = 8) -> list[QualityConfig]:
     ]
     cfgs += [C(f"naive_row-n{big}", "naive_patch", big, None, "row", groups=("naive",))]
     cfgs += [C(f"pcpp-n{n}", "corrected_async_gn", n, groups=("n", "pcpp"), pcpp=PCPP) for n in ns]
+    cfgs += [
+        C(f"{codec}-n{big}", "corrected_async_gn", big, groups=("compress",), compress=codec)
+        for codec in CODECS
+    ]
+    cfgs += [
+        C(f"img2img-corrected-n{n}", "corrected_async_gn", n, groups=("img2img",), task="img2img")
+        for n in ns
+    ]
     return cfgs
+
+
+def img2img_inputs(pairs, size: int) -> np.ndarray:
+    """uint8 `[len(pairs), size, size, 3]`: for pair (class prompt k, seed s) the s-th
+    Fashion-MNIST test image of class k, padded to 32 px, nearest-upscaled to `size`, gray RGB."""
+    from distrifusion_jax.tiny.fashion_mnist import PROMPTS, load_fashion_mnist, upscale
+
+    x, y = load_fashion_mnist("test")  # [N, 32, 32, 1] in [-1, 1]
+    picks = [np.flatnonzero(y == PROMPTS.index(p))[s] for p, s in pairs]
+    img = upscale(x[picks], size // x.shape[1])
+    return np.repeat(np.round((img + 1) * 127.5).astype(np.uint8), 3, axis=-1)
 
 
 def initial_noise(pairs, shape: tuple[int, int, int]) -> np.ndarray:
@@ -109,11 +135,18 @@ def generate(
     guidance: float,
     height: int | None = None,
     width: int | None = None,
-) -> tuple[np.ndarray, float, tuple[int, int]]:
+    images: np.ndarray | None = None,
+) -> tuple[np.ndarray, float, tuple[int, int], float]:
     """Images of one configuration.
 
+    Args:
+      images: None (text-to-image), or uint8 `[len(pairs), H, W, 3]` input images: img2img at
+        `STRENGTH` from each (posterior mean, so every configuration starts from the same
+        latents).
     Returns:
-      (uint8 `[len(pairs), H, W, 3]`, seconds for load + compile + generate + decode, (H, W))
+      (uint8 `[len(pairs), H, W, 3]`, seconds for load + compile + generate + decode, (H, W),
+       bytes one device receives in one step, the displaced one where the mode has it (jaxpr
+       count; 0 on one device))
     """
     from distrifusion_jax.pipeline import DistriSDXLPipeline
 
@@ -123,16 +156,49 @@ def generate(
     w = width or pipe.default_size
     f = pipe.vae_scale_factor
     noise = initial_noise(pairs, (h // f, w // f, pipe.unet.config.in_channels))
-    images = pipe(
-        [p for p, _ in pairs],
-        height=h,
-        width=w,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        scheduler=scheduler,
-        noise=noise,
-    )
-    return np.stack([np.asarray(im) for im in images]), time.perf_counter() - t0, (h, w)
+    kw = {
+        "height": h,
+        "width": w,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "scheduler": scheduler,
+    }
+    if images is None:
+        out = pipe([p for p, _ in pairs], noise=noise, **kw)
+    else:  # the pipeline takes one input image per call
+        from PIL import Image
+
+        out = [
+            im
+            for i, (prompt, _) in enumerate(pairs)
+            for im in pipe(
+                prompt,
+                noise=noise[i : i + 1],
+                image=Image.fromarray(images[i]),
+                strength=STRENGTH,
+                posterior="mean",
+                **kw,
+            )
+        ]
+    seconds = time.perf_counter() - t0
+    return np.stack([np.asarray(im) for im in out]), seconds, (h, w), exchanged_bytes(pipe, h, w)
+
+
+def exchanged_bytes(pipe, h: int, w: int) -> float:
+    """Bytes one interior device receives in one displaced step of the pipeline's UNet (one
+    prompt with CFG; `parallel.cost.step_cost`'s jaxpr count, by the dtype actually sent)."""
+    import jax
+
+    from distrifusion_jax.eval.benchmark_model import cond_shapes
+    from distrifusion_jax.parallel.cost import step_cost
+
+    if pipe.parallel.patches == 1:
+        return 0.0
+    f = pipe.vae_scale_factor
+    lat = jax.ShapeDtypeStruct((1, h // f, w // f, pipe.unet.config.in_channels), np.float32)
+    return step_cost(
+        pipe.unet, pipe.unet_params, pipe.parallel, lat, cond_shapes(pipe, h, w)
+    ).exchanged_bytes
 
 
 def agreement(pred: np.ndarray | None, target: np.ndarray | None) -> float | None:
@@ -148,6 +214,7 @@ def config_row(
     ref_cls: np.ndarray | None,
     prompt_cls: np.ndarray,
     seconds: float,
+    exchanged: float = 0.0,
 ) -> dict[str, Any]:
     """quality.json's row of one configuration.
 
@@ -155,6 +222,7 @@ def config_row(
       per, summary: `metrics.image_metrics` and `metrics.summarize` vs the reference images.
       cls, ref_cls: classifier predictions `[N]` for its and the reference images (or None);
       prompt_cls: the prompted classes `[N]`.
+      exchanged: bytes one device receives per displaced step (`generate`).
     """
     return {
         "name": cfg.name,
@@ -164,6 +232,9 @@ def config_row(
         "naive_split": cfg.naive_split,
         "groups": list(cfg.groups),
         "pcpp": cfg.pcpp,
+        "compress": cfg.compress,
+        "task": cfg.task,
+        "exchanged_bytes_per_step": exchanged,
         **summary,
         "class_agreement": agreement(cls, ref_cls),
         "class_accuracy": agreement(cls, prompt_cls),

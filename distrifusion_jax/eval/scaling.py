@@ -8,12 +8,15 @@ repeated in interleaved rounds; `scripts/benchmark.py --scaling` documents the J
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -45,10 +48,45 @@ class ScalingOptions:
     modes: tuple[str, ...] = DEFAULT_MODES  # 2-process runs (`mode_labels`)
     cores: tuple[int, int] = (0, 1)  # pinned with taskset
     timeout: float = 1200.0  # seconds per run
+    link_rate: str | None = None  # loopback rate limit for the runs (`throttled_loopback`)
 
     @property
     def steps(self) -> int:
         return self.warmup_steps + 2 + self.repeats
+
+
+TC_QDISC = ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "RATE", "burst", "64kb",
+            "latency", "50ms"]  # fmt: skip
+
+
+@contextlib.contextmanager
+def throttled_loopback(rate: str | None) -> Iterator[None]:
+    """Rate-limit the loopback interface (Linux traffic control, token bucket) to `rate`
+    (tc units: "1gbit", "200mbit") while the block runs; the qdisc is removed afterwards, also
+    on errors. None: nothing changes.
+
+    Raises:
+      RuntimeError: tc is missing, not root, or lo already has a root qdisc (the message says
+        how to fix it).
+    """
+    if rate is None:
+        yield
+        return
+    if shutil.which("tc") is None or os.geteuid() != 0:
+        raise RuntimeError(
+            "--link-rate needs root and tc (iproute2): run as root, or drop --link-rate"
+        )
+    cmd = [rate if a == "RATE" else a for a in TC_QDISC]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed: {done.stderr.strip()}; if lo already has a qdisc, remove "
+            "it with `tc qdisc del dev lo root`"
+        )
+    try:
+        yield
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
 
 
 def worker(spec: dict[str, Any]) -> int:
@@ -178,19 +216,22 @@ def scaling(opts: ScalingOptions) -> dict[str, Any]:
         label = f"2 processes, n=2, {mode}" + (f" ({split})" if split else "")
         runs.append((label, 2, mode, split))
     rounds = {name: [] for name, *_ in runs}
-    for k in range(opts.rounds):  # interleaved, so slow phases of a shared machine hit all runs
-        for name, procs, mode, split in runs:
-            print(
-                f"  round {k + 1}/{opts.rounds}: {name} at {h}x{w} ...", file=sys.stderr, flush=True
-            )
-            r = run_once(opts, name, procs, mode, split)
-            rounds[name].append(r)
-            print(
-                f"    median step {np.median(r['displaced']):.3f} s, compile+first steps "
-                f"{r['compile_and_first_steps_s']:.1f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+    with throttled_loopback(opts.link_rate):
+        for k in range(opts.rounds):  # interleaved: slow phases of a shared machine hit all runs
+            for name, procs, mode, split in runs:
+                print(
+                    f"  round {k + 1}/{opts.rounds}: {name} at {h}x{w} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                r = run_once(opts, name, procs, mode, split)
+                rounds[name].append(r)
+                print(
+                    f"    median step {np.median(r['displaced']):.3f} s, compile+first steps "
+                    f"{r['compile_and_first_steps_s']:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     rows = []
     for name, procs, mode, split in runs:
         rs = rounds[name]
@@ -217,6 +258,8 @@ def scaling(opts: ScalingOptions) -> dict[str, Any]:
         r["speedup_vs_1"] = base["median_step_s"] / r["median_step_s"]
         r["round_speedups"] = [b / x for b, x in zip(base["round_medians_s"], r["round_medians_s"])]
     run_of = {r["mode"]: r for r in rows[1:]}
+    coded = [r for r in rows[1:] if mode_fields(r["mode"])["compress"]]
+    best = max(coded, key=lambda r: r["speedup_vs_1"], default=None)
     return {
         "kind": "scaling",
         "model": opts.model,
@@ -237,6 +280,10 @@ def scaling(opts: ScalingOptions) -> dict[str, Any]:
         "runs": rows,
         "speedup": run_of.get("corrected_async_gn", {}).get("speedup_vs_1"),
         "speedup_fused": run_of.get("corrected_async_gn+fused", {}).get("speedup_vs_1"),
+        "best_compressed": None
+        if best is None
+        else {"mode": best["mode"], "speedup_vs_1": best["speedup_vs_1"]},
+        "link_rate": opts.link_rate,
         "cost": cost,
         "breakdown": breakdown(rows, cost),
     }
@@ -283,7 +330,8 @@ def print_scaling(res: dict) -> None:
     print(
         f"scaling at {res['height']}x{res['width']} (batch 2 = CFG pair), {res['scheduler']}, "
         f"w={res['warmup_steps']}, one thread per process, cores {res['cores']}, "
-        f"{res['rounds']} rounds x {res['repeats']} steady displaced steps"
+        f"{res['rounds']} rounds x {res['repeats']} steady displaced steps; loopback "
+        + (f"rate-limited to {res['link_rate']} (tc tbf)" if res.get("link_rate") else "unlimited")
     )
     print(head)
     print("-" * len(head))
@@ -327,6 +375,9 @@ def print_scaling(res: dict) -> None:
         )
     if res.get("speedup_fused") is not None:
         print(f"DistriFusion with fused exchange, 2 processes vs 1: {res['speedup_fused']:.2f}x")
+    if res.get("best_compressed"):
+        b = res["best_compressed"]
+        print(f"best compressed exchange, {b['mode']}: {b['speedup_vs_1']:.2f}x")
 
 
 if __name__ == "__main__":

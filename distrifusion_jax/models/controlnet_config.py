@@ -9,10 +9,9 @@ runs the same support checks; options only a ControlNet has are checked here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
-from distrifusion_jax.models.unet_config import METADATA_KEYS, UNetConfig, _tuplify
+from distrifusion_jax.models.unet_config import DiffusersConfig, UNetConfig, _tuplify
 
 CONTROLNET_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
 CHANNEL_ORDERS = ("rgb", "bgr")
@@ -25,8 +24,11 @@ def _unsupported(key: str, value: Any, supported: str) -> ValueError:
 
 
 @dataclasses.dataclass(frozen=True)
-class ControlNetConfig:
+class ControlNetConfig(DiffusersConfig):
     """diffusers `ControlNetModel` kwargs (same names, same defaults)."""
+
+    DIFFUSERS_CLASS = "ControlNetModel"
+    LABEL = "ControlNet"
 
     in_channels: int = 4
     conditioning_channels: int = 3
@@ -85,38 +87,6 @@ class ControlNetConfig:
         if not emb:
             raise _unsupported("conditioning_embedding_out_channels", emb, "a tuple of ints")
         self.as_unet()  # the trunk's own checks (block types, heads, groups, lengths)
-
-    # ---- construction -----------------------------------------------------------------
-
-    @classmethod
-    def from_diffusers(cls, d: Mapping[str, Any]) -> ControlNetConfig:
-        """Read a diffusers ControlNet `config.json`; ValueError on unknown or unsupported keys."""
-        name = d.get("_class_name", "ControlNetModel")
-        if name != "ControlNetModel":
-            raise _unsupported("_class_name", name, "'ControlNetModel'")
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k not in METADATA_KEYS}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ValueError(
-                f"ControlNet config has unknown key(s) {unknown} (not ControlNetModel arguments)."
-            )
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """kwargs for diffusers' `ControlNetModel(**d)` (tuples become lists, as in JSON)."""
-
-        def listify(v: Any) -> Any:
-            return [listify(x) for x in v] if isinstance(v, tuple) else v
-
-        return {f.name: listify(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """The dict of a diffusers ControlNet `config.json` (with `_class_name`)."""
-        return {"_class_name": "ControlNetModel", **self.to_dict()}
-
-    def replace(self, **kw: Any) -> ControlNetConfig:
-        return dataclasses.replace(self, **kw)
 
     # ---- derived ----------------------------------------------------------------------
 

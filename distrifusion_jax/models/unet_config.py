@@ -60,9 +60,58 @@ def _tuplify(v: Any) -> Any:
     return v
 
 
+class DiffusersConfig:
+    """The diffusers `config.json` round trip of a frozen config dataclass.
+
+    A subclass sets `DIFFUSERS_CLASS` (the diffusers model class its config.json describes) and
+    `LABEL` (how errors name it); its dataclass fields are the model's constructor arguments.
+    """
+
+    DIFFUSERS_CLASS = ""
+    LABEL = ""
+
+    @classmethod
+    def from_diffusers(cls, d: Mapping[str, Any]) -> Any:
+        """Read a diffusers `config.json` dict; ValueError on unknown or unsupported keys."""
+        name = d.get("_class_name", cls.DIFFUSERS_CLASS)
+        if name != cls.DIFFUSERS_CLASS:
+            raise ValueError(
+                f"{cls.LABEL} config _class_name={name!r} is not supported; "
+                f"supported: {cls.DIFFUSERS_CLASS!r}."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k not in METADATA_KEYS}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"{cls.LABEL} config has unknown key(s) {unknown} "
+                f"(not {cls.DIFFUSERS_CLASS} arguments)."
+            )
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """kwargs for the diffusers model class (tuples become lists, as in JSON)."""
+
+        def listify(v: Any) -> Any:
+            return [listify(x) for x in v] if isinstance(v, tuple) else v
+
+        return {f.name: listify(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The dict of a diffusers `config.json` (with `_class_name`)."""
+        return {"_class_name": self.DIFFUSERS_CLASS, **self.to_dict()}
+
+    def replace(self, **kw: Any) -> Any:
+        """A copy with fields `kw` changed (checked again)."""
+        return dataclasses.replace(self, **kw)
+
+
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(DiffusersConfig):
     """diffusers `UNet2DConditionModel` kwargs (same names, same defaults)."""
+
+    DIFFUSERS_CLASS = "UNet2DConditionModel"
+    LABEL = "UNet"
 
     sample_size: int | tuple[int, int] | None = None
     in_channels: int = 4
@@ -128,38 +177,6 @@ class UNetConfig:
             object.__setattr__(self, f.name, _tuplify(getattr(self, f.name)))
         self._check_supported()
         self._check_lengths()
-
-    # ---- construction -----------------------------------------------------------------
-
-    @classmethod
-    def from_diffusers(cls, d: Mapping[str, Any]) -> UNetConfig:
-        """Read a diffusers `unet/config.json` dict; ValueError on unknown or unsupported keys."""
-        name = d.get("_class_name", "UNet2DConditionModel")
-        if name != "UNet2DConditionModel":
-            raise _unsupported("_class_name", name, "'UNet2DConditionModel'")
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k not in METADATA_KEYS}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ValueError(
-                f"UNet config has unknown key(s) {unknown} (not UNet2DConditionModel arguments)."
-            )
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """kwargs for diffusers' `UNet2DConditionModel(**d)` (tuples become lists, as in JSON)."""
-
-        def listify(v: Any) -> Any:
-            return [listify(x) for x in v] if isinstance(v, tuple) else v
-
-        return {f.name: listify(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """The dict of a diffusers `unet/config.json` (with `_class_name`)."""
-        return {"_class_name": "UNet2DConditionModel", **self.to_dict()}
-
-    def replace(self, **kw: Any) -> UNetConfig:
-        return dataclasses.replace(self, **kw)
 
     # ---- checks -----------------------------------------------------------------------
 

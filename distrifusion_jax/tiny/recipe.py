@@ -36,6 +36,7 @@ from distrifusion_jax.tiny.train import (
     text_conditioning,
     train_unet,
     train_vae,
+    tune_decoder,
 )
 
 TRAINED = {
@@ -44,7 +45,15 @@ TRAINED = {
     "text_encoder, text_encoder_2": "pushed apart on the 11 prompts (separate_prompts), "
     "then frozen",
     "unet": "on frozen VAE latents and frozen text conditioning; EMA shipped",
+    "vae decoder (last)": "fine-tuned on the UNet's own latents towards the gray, black-framed "
+    "projection of its decode, half of each batch real reconstructions (tune_decoder)",
 }
+
+# Sampler settings of the decoder fine-tune's UNet latents: (steps, CFG scale, negative prompt),
+# what the check, the README and generate.py's defaults use. Seeds from DECODER_SEED0 on:
+# disjoint from the check's 1000.. and generate.py's 0..
+DECODER_SAMPLING = ((25, 5.0, ""), (30, 5.0, None), (25, 3.0, ""), (40, 7.0, None))
+DECODER_SEED0 = 5000
 
 
 def log(msg: str) -> None:
@@ -94,6 +103,56 @@ def _text_phase(out: Path, opts: TrainOptions):
     return params, embeds, pooled, stats
 
 
+def generated_latents(model_dir: Path, seeds_per_prompt: int) -> np.ndarray:
+    """The saved model's own latents for the 10 class prompts, unscaled `[10 * S, h, w, 4]`.
+
+    Seeds DECODER_SEED0.. (S per prompt), split over the DECODER_SAMPLING settings.
+    """
+    from distrifusion_jax.pipeline import DistriSDXLPipeline
+
+    pipe = DistriSDXLPipeline.from_pretrained(model_dir)
+    shape = (pipe.default_size // pipe.vae_scale_factor,) * 2 + (pipe.unet.config.in_channels,)
+    seeds = np.arange(DECODER_SEED0, DECODER_SEED0 + seeds_per_prompt)
+    out = []
+    for k, (steps, cfg, negative) in enumerate(DECODER_SAMPLING):
+        part = seeds[k :: len(DECODER_SAMPLING)]
+        noise = np.stack(
+            [np.asarray(jax.random.normal(jax.random.key(int(s)), shape)) for s in part]
+        )
+        lat = pipe.generate_latents(
+            [p for p in PROMPTS for _ in part],
+            None if negative is None else [negative] * (len(PROMPTS) * len(part)),
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            noise=np.tile(noise, (len(PROMPTS), 1, 1, 1)),
+        )
+        out.append(np.asarray(lat, np.float32) / pipe.vae.config.scaling_factor)
+        log(
+            f"generated {out[-1].shape[0]} latents ({steps} steps, CFG {cfg}, negative {negative!r})"
+        )
+    return np.concatenate(out)
+
+
+def clean_decoder(out: Path, opts: TrainOptions) -> dict[str, Any]:
+    """Phase 5: fine-tune the decoder of the model in `out` on its UNet's latents, in place.
+
+    Returns:
+      the decoder's stats (training.json "vae_decoder_tuned").
+    """
+    from distrifusion_jax.io import checkpoint
+
+    x, _ = load_fashion_mnist("train")
+    gen = generated_latents(out, opts.decoder_seeds)
+    vae, params = checkpoint.load_component(out, "vae")
+    params, stats = tune_decoder(vae, params, x, gen, opts, log)
+    stats["sampling"] = [list(s) for s in DECODER_SAMPLING]
+    stats["seeds"] = f"{DECODER_SEED0}..{DECODER_SEED0 + opts.decoder_seeds - 1} per prompt"
+    cfg = json.loads((out / "vae" / "config.json").read_text())
+    save_model(out, {"vae": (cfg, as_f16(params))})
+    log(f"decoder tuned: {stats}")
+    return stats
+
+
 def train_and_save(out: Path, opts: TrainOptions, smoke: bool = False) -> dict[str, Any]:
     """Run the four phases and write the model to `out` (which holds the tokenizers).
 
@@ -121,7 +180,9 @@ def train_and_save(out: Path, opts: TrainOptions, smoke: bool = False) -> dict[s
     trained = {"vae": vae_params, "unet": unet_params, **te_params}
     parts = {name: (cfgs[name], trained[name]) for name in trained}
     save_model(out, parts)
+    tuned = clean_decoder(out, opts) if opts.decoder_steps else None
     return {
+        "vae_decoder_tuned": tuned,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "seed": opts.seed,
         "data": "Fashion-MNIST (Debian dataset-fashion-mnist), 60k train / 10k test, 28x28 "
@@ -213,6 +274,7 @@ def retrofit_and_save(out: Path, prev: Path, opts: TrainOptions) -> dict[str, An
     trained["vae"] = vae_params
     parts = {name: (cfgs[name], trained[name]) for name in trained}
     save_model(out, parts)
+    report["vae_decoder_tuned"] = clean_decoder(out, opts) if opts.decoder_steps else None
     report.update(
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         data=report["data"] + f"; VAE on the same images nearest-upscaled x{configs.VAE_FACTOR}",
