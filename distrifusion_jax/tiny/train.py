@@ -43,7 +43,7 @@ class TrainOptions:
     unet_minutes: float = float("inf")  # wall-clock guard (off)
     unet_stop: int | None = None  # stop after this step (replays a guard-stopped run)
     unet_stop_file: str | None = None  # stop once this file exists (a manual guard)
-    decoder_steps: int = 400  # decoder fine-tune on UNet latents (tune_decoder); 0: none
+    decoder_steps: int = 4000  # decoder fine-tune on UNet latents (tune_decoder); 0: none
     decoder_seeds: int = 48  # generated latents per class prompt for it
 
 
@@ -188,6 +188,26 @@ def clean_target(images: np.ndarray) -> np.ndarray:
     return np.repeat(gray, 3, axis=-1)
 
 
+CHROMA_WEIGHT = 3.0  # tune_decoder: extra weight on an output's colour (R, G, B apart)
+
+
+def frame_weights(size: int, frame: float = 8.0, corner: float = 1000.0) -> np.ndarray:
+    """Per-pixel loss weights `[size, size, 1]`: 1 inside, `frame` on the padding frame
+    (width b = size / 16), `corner` on its four b/2 x b/2 corner blocks.
+
+    Corners are 4 of 4096 pixels at 64 px, so an unweighted loss leaves the conv padding's
+    bright corner pixels alone; the frame is 23% of the pixels but must be exactly black.
+    """
+    b = size // 16
+    w = np.ones((size, size, 1), np.float32)
+    w[:b], w[-b:], w[:, :b], w[:, -b:] = frame, frame, frame, frame
+    c = max(1, b // 2)
+    for rows in (slice(0, c), slice(size - c, size)):
+        for cols in (slice(0, c), slice(size - c, size)):
+            w[rows, cols] = corner
+    return w / w.mean()
+
+
 def tune_decoder(
     vae,
     params,
@@ -204,7 +224,8 @@ def tune_decoder(
     real latents -> their images (posterior means of `x`; what keeps the decoder a decoder) and
     half UNet latents -> `clean_target` of the frozen decoder's own output (gray, black frame:
     what every training image is). The encoder, `quant_conv` and the latent space are
-    untouched, so the UNet needs no retraining. L1 + L2; Adam 5e-4 -> cosine.
+    untouched, so the UNet needs no retraining. L1 + L2, weighted up on the frame and its
+    corners (`frame_weights`), plus `CHROMA_WEIGHT` on colour; Adam 1e-3 -> cosine.
 
     Args:
       vae, params: the trained `AutoencoderKL` and its params.
@@ -229,9 +250,10 @@ def tune_decoder(
     frozen = {k: v for k, v in params.items() if k not in trained}
     opt = optax.chain(
         optax.clip_by_global_norm(1.0),
-        optax.adam(optax.warmup_cosine_decay_schedule(0, 5e-4, min(50, steps // 5), steps, 2e-5)),
+        optax.adam(optax.warmup_cosine_decay_schedule(0, 1e-3, min(50, steps // 5), steps, 2e-5)),
     )
     state = opt.init(trained)
+    weights = jnp.asarray(frame_weights(targets.shape[1]))  # [H, W, 1], mean 1
 
     @jax.jit
     def step(trained, state, xb, zg, tg):
@@ -240,8 +262,12 @@ def tune_decoder(
         def loss_fn(t):
             rec = vae.apply({"params": frozen | t}, jnp.concatenate([mean, zg]), method="decode")
             err = rec - jnp.concatenate([xb, tg])
-            mse = jnp.mean(err**2, axis=(1, 2, 3))  # [batch]
-            return jnp.mean(jnp.abs(err)) + jnp.mean(mse), (mse[:half].mean(), mse[half:].mean())
+            mse = jnp.mean(err**2, axis=(1, 2, 3))  # [batch], unweighted: what is logged
+            chroma = err - err.mean(-1, keepdims=True)  # colour error: the target is gray
+            loss = jnp.mean(weights * (jnp.abs(err) + err**2)) + CHROMA_WEIGHT * jnp.mean(
+                jnp.abs(chroma) + chroma**2
+            )
+            return loss, (mse[:half].mean(), mse[half:].mean())
 
         (loss, mses), g = jax.value_and_grad(loss_fn, has_aux=True)(trained)
         u, state = opt.update(g, state)
