@@ -6,91 +6,9 @@
     python scripts/benchmark.py --unet-vs-torch --sizes tiny,mid,full  # our UNet vs diffusers'
     python scripts/benchmark.py --startup    # generate.py waits: cold/warm cache, 10 prompts
 
-`--unet-vs-torch`: the single-device UNet forward (fp32, batch 1, `--latent`^2), ours vs diffusers'
-PyTorch on the same random weights and inputs, best of `--unet-repeats`, and a per-op table
-(distrifusion_jax/eval/unet_vs_torch.py; full is ~10 GB a side); JSON results/unet_vs_torch.json.
-
-`--sdxl-shapes`: the full SDXL base UNet at 1024^2, 2048^2, 3840^2, n = 2, 4, 8, batch 2 (CFG
-pair on every device, no CFG split), traced from `jax.eval_shape` params (no weights, nothing
-executed): per-device FLOPs of the displaced step (XLA cost analysis of the lowered program)
-vs the single-device step, elements received per device per step (counted from the step's
-collectives, and from the layer-shape formulas), stale-state bytes per device (bf16
-activations, fp32 GroupNorm moments), beside the original's Table 2, and a projected speedup on
-8 A100s (NVLink) from those figures. Projection assumptions (printed with the table): the
-1-GPU step time is the paper's measured one (Fig. 6: 5.02 / 23.7 / 140 s for 50 steps at
-1024 / 2048 / 3840), which fixes an effective FLOP rate per resolution; an n-GPU step computes
-its FLOPs at that same rate (no loss of GPU efficiency on smaller patches: an upper bound);
-the exchange moves its bf16 bytes at `--link-gbps` (default 200 GB/s, NCCL all-gather bus
-bandwidth on 8 x A100 SXM NVLink3, ~2/3 of the 300 GB/s per direction); displaced steps hide
-the exchange behind compute, max(compute, comm); synchronous patch parallelism adds them.
-
-Model mode (default; `--model` a converted or diffusers folder, default the shipped model):
-for each n in `--patches` (and `--mode`, `--cfg-split`), at `--height` x `--width` (default
-the model's size), `--steps` sampling steps: compile time (the steps whose call compiled, as
-the step driver reports: 0, 1 and w+1) apart from the steady-state step (median over a second,
-warm call), end-to-end latency of that warm call (encode + denoise + decode), per-device FLOPs
-vs the single-device step (ideal 1/n), elements and bytes received per device per step counted
-three ways (the step's jaxpr, the compiled HLO's collectives, the layer-shape formulas of
-`analytic_exchange`; `--mode corrected_async_gn+fused` exchanges the same elements in a few
-collectives), stale-state bytes, and peak bytes per device from XLA's memory analysis of the
-compiled step. On fake CPU devices (`--cpu-devices`, sharing this machine's cores) latency
-shows overhead, not speedup; `--scaling` measures real speedup.
-
-The code of the three modes: distrifusion_jax/eval/benchmark_sdxl.py, benchmark_model.py and
-scaling.py (its workers start through eval/launcher.py); plots in eval/plots.py.
-
-JSON schema (`--json`, default results/benchmark.json or results/benchmark_sdxl_shapes.json):
-{"kind": "sdxl_shapes" | "model", "mode": str, ..., "rows": [{"resolution": int, "n": int,
-"batch": int, "flops_per_device": float, "flops_ratio_vs_1": float, "exchanged_elements":
-float, "exchanged_bytes": float, "analytic_elements": {layer kind: float}, "state_bytes": int,
-"by_kind": {...}, and for sdxl_shapes "original_elements": float | null,
-"original_state_bytes": float | null, "projected_speedup_displaced": float,
-"projected_speedup_sync": float, "paper_speedup": float | null; for model
-"compiled_exchange": {"elements", "bytes", "calls", "by_op"}, "peak_bytes": int | null,
-"compile_and_first_steps_seconds": float, "median_step_seconds": float,
-"end_to_end_seconds": float, "speedup_vs_1": float, "vae": {"encode" | "decode": the same
-three exchange counts of the band-parallel VAE, one image}}]}.
-
-`--scaling`: real multi-process scaling on this CPU. The same generation (one prompt, CFG pair,
-`--height` x `--width`, default 128^2, DDIM) runs as 1 process with 1 CPU device, then as 2
-processes (`jax.distributed`, coordinator on 127.0.0.1) with 1 device each and n = 2 row bands,
-in the modes `--scaling-modes` (default: corrected_async_gn = DistriFusion, one collective per
-layer as on an accelerator; corrected_async_gn+fused = the same with a displaced step's sends
-exchanged in a few concatenated collectives, `ParallelConfig(fused_exchange=True)`; full_sync =
-synchronous patch parallelism; no_sync = the same displaced computation with no exchange after
-warm-up, the no-communication bound of the paper's Table 2; naive_patch `row` = independent
-bands, whose attention over half the tokens costs a quarter, so it is faster than any exact
-split). Every process gets one compute thread (`--xla_cpu_multi_thread_eigen=false
-intra_op_parallelism_threads=1`) and is pinned to its own core with `taskset -c` (`--cores`;
-the 1-process run uses the first). Steps 0..w are synchronous, w+1.. displaced; the first call
-of each of the three jitted step functions (steps 0, 1, w+1) compiles (the step driver reports
-which did) and is reported apart. A mode `MODE[+fused]:CODEC` codes the displaced exchange
-(`ParallelConfig(compress=CODEC)`, e.g. `corrected_async_gn+fused:residual+int4`).
-`--link-rate RATE` (root, iproute2's tc) rate-limits the loopback interface with a token bucket
-(`tc qdisc add dev lo root tbf rate RATE burst 64kb latency 50ms`) for the runs and removes it
-afterwards: a slow link between the two processes, as between nodes.
-The step time is the median over the other displaced steps (`--repeats` per run) of the slower
-process, pooled over `--rounds` interleaved repetitions of all runs; the median of the steady
-synchronous steps (2..w) is reported too. The shipped tiny model's VAE factor is 2 (it was 1
-until issue 19, when the measurements in results/README.md were taken at 128 px), so 256 px is
-a 128^2 latent with 4096-token self-attention (~1.5-2 s per step on one core; a 256^2 latent
-is ~70 s per step, its 16k-token attention being memory-bound).
-JSON (`--json`, default results/scaling.json): {"kind": "scaling", "model": str,
-"height": int, "width": int, "batch": 2, "scheduler": str, "warmup_steps": int, "steps": int,
-"repeats": int, "rounds": int, "cores": [int], "cpu_count": int,
-"load_average_before" / "load_average_after": [float], "runs": [{"name": str,
-"processes": int, "n": int, "mode": str, "naive_split": str | null, "median_step_s": float,
-"round_medians_s": [float], "median_sync_step_s": float | null,
-"compile_and_first_steps_s": float, "speedup_vs_1": float, "round_speedups": [float],
-"rounds": [{"displaced": [float], "sync": [float], "step_times": [[float] per process],
-"compile_and_first_steps_s": float, "load_seconds": float, "wall_seconds": float,
-"load_average": [float]}]}], "speedup": float (1-process / 2-process corrected_async_gn
-median step), "speedup_fused": float | null (the same for corrected_async_gn+fused),
-"best_compressed": {"mode": str, "speedup_vs_1": float} | null (the fastest MODE:CODEC run),
-"link_rate": str | null (`--link-rate`),
-"cost": {"n1/MODE" | "n2/MODE": {"flops_per_device": float, "exchanged_bytes": float,
-"collective_calls": int, "by_kind": {...}}} (XLA cost analysis and the step's collectives,
-abstract shapes), "seconds_total": float}.
+What each mode measures, its assumptions and its JSON schema: docs/benchmark.md. The code:
+distrifusion_jax/eval/benchmark_sdxl.py, benchmark_model.py and scaling.py (workers start
+through eval/launcher.py); plots in eval/plots.py.
 """
 
 from __future__ import annotations

@@ -87,10 +87,9 @@ from distrifusion_jax.eval.quality import (
     default_configs,
     fixed_pairs,
     generate,
-    img2img_inputs,
 )
 from distrifusion_jax.tiny import MODEL_DIR
-from distrifusion_jax.tiny.fashion_mnist import PROMPTS
+from distrifusion_jax.tiny.fashion_mnist import PROMPTS, class_test_images
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = fixed_pairs(PROMPTS)  # 20 pairs: the ten class prompts x seeds 0, 1
@@ -209,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     refs = {"txt2img": (ref, classify(ref), ref_s)}  # task -> (images, classes, seconds)
     inputs = None
     if any(c.task == "img2img" for c in configs):
-        inputs = img2img_inputs(pairs, h)
+        # pair (class prompt k, seed s): the s-th test image of class k
+        inputs = class_test_images([(PROMPTS.index(p), s) for p, s in pairs], h)
         ref_i, ref_i_s, _, _ = generate(args.model, single, pairs, **sampling, images=inputs)
         refs["img2img"] = (ref_i, classify(ref_i), ref_i_s)
         print(f"single device img2img: {ref_i_s:.0f} s", file=sys.stderr)

@@ -103,17 +103,6 @@ def default_configs(n_max: int = 8) -> list[QualityConfig]:
     return cfgs
 
 
-def img2img_inputs(pairs, size: int) -> np.ndarray:
-    """uint8 `[len(pairs), size, size, 3]`: for pair (class prompt k, seed s) the s-th
-    Fashion-MNIST test image of class k, padded to 32 px, nearest-upscaled to `size`, gray RGB."""
-    from distrifusion_jax.tiny.fashion_mnist import PROMPTS, load_fashion_mnist, upscale
-
-    x, y = load_fashion_mnist("test")  # [N, 32, 32, 1] in [-1, 1]
-    picks = [np.flatnonzero(y == PROMPTS.index(p))[s] for p, s in pairs]
-    img = upscale(x[picks], size // x.shape[1])
-    return np.repeat(np.round((img + 1) * 127.5).astype(np.uint8), 3, axis=-1)
-
-
 def initial_noise(pairs, shape: tuple[int, int, int]) -> np.ndarray:
     """`[len(pairs), h, w, C]`: pair (prompt, seed) gets `pipe(prompt, seed=seed)`'s noise."""
     import jax

@@ -53,3 +53,15 @@ def upscale(x: np.ndarray, factor: int) -> np.ndarray:
     pixel a 2x2 block, so 2x2 average pooling gives the 32x32 image back exactly.
     """
     return np.repeat(np.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def class_test_images(picks: list[tuple[int, int]], size: int) -> np.ndarray:
+    """Fashion-MNIST test images by class: uint8 gray RGB `[len(picks), size, size, 3]`.
+
+    Args:
+      picks: (class index k, i) per image: the i-th test image of class k.
+      size: output pixels, a multiple of 32 (the padded image is nearest-upscaled).
+    """
+    x, y = load_fashion_mnist("test")  # [N, 32, 32, 1] in [-1, 1]
+    img = upscale(x[[np.flatnonzero(y == k)[i] for k, i in picks]], size // x.shape[1])
+    return np.repeat(np.round((img + 1) * 127.5).astype(np.uint8), 3, axis=-1)

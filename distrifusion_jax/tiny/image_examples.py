@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distrifusion_jax.tiny.fashion_mnist import CLASSES, load_fashion_mnist, upscale
+from distrifusion_jax.tiny.fashion_mnist import CLASSES, class_test_images
 
 SIZE = 64  # the shipped model's image size (px)
 _COMMON = "--patches 4 --cpu-devices 4 --steps 30 --seed 0"
@@ -31,15 +31,6 @@ TILES = (
 )
 
 
-def fashion_image(label: str, index: int = 0) -> np.ndarray:
-    """The `index`-th Fashion-MNIST test image of class `label`: uint8 `[64, 64, 3]` (gray,
-    nearest-upscaled from the 32x32 padded image)."""
-    x, y = load_fashion_mnist("test")
-    img = x[np.flatnonzero(y == CLASSES.index(label))[index]][None]  # [1, 32, 32, 1]
-    big = upscale(img, SIZE // img.shape[1])[0]  # [64, 64, 1]
-    return np.repeat(np.round((big + 1) * 127.5).astype(np.uint8), 3, axis=-1)
-
-
 def center_mask(margin: int = 12) -> np.ndarray:
     """uint8 `[64, 64]`: 255 (repaint) on the middle square, 0 (keep) on a `margin`-px ring."""
     m = np.zeros((SIZE, SIZE), np.uint8)
@@ -51,8 +42,9 @@ def write_inputs(folder: Path) -> None:
     """pullover.png, sandal.png (64x64 RGB) and mask.png (64x64 L) into `folder`."""
     from PIL import Image
 
-    Image.fromarray(fashion_image("pullover")).save(folder / "pullover.png")
-    Image.fromarray(fashion_image("sandal")).save(folder / "sandal.png")
+    pullover, sandal = class_test_images([(CLASSES.index(c), 0) for c in ("pullover", "sandal")], SIZE)
+    Image.fromarray(pullover).save(folder / "pullover.png")
+    Image.fromarray(sandal).save(folder / "sandal.png")
     Image.fromarray(center_mask()).save(folder / "mask.png")
 
 

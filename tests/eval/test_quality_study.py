@@ -11,9 +11,8 @@ from distrifusion_jax.eval.quality import (
     config_row,
     default_configs,
     fixed_pairs,
-    img2img_inputs,
 )
-from distrifusion_jax.tiny.fashion_mnist import DATA, PROMPTS
+from distrifusion_jax.tiny.fashion_mnist import DATA, PROMPTS, class_test_images
 
 
 @pytest.mark.parametrize("n_max", [2, 4, 8])
@@ -32,7 +31,7 @@ def test_configs_cover_codecs_and_img2img(n_max):
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_img2img_inputs_are_the_prompted_class():
     pairs = fixed_pairs(PROMPTS[:3], (0, 2))
-    img = img2img_inputs(pairs, 64)
+    img = class_test_images([(PROMPTS.index(p), s) for p, s in pairs], 64)
     assert img.shape == (6, 64, 64, 3) and img.dtype == np.uint8
     assert np.array_equal(img[..., 0], img[..., 2])  # gray
     assert img[:, :4].max() == 0 and img[:, :, -4:].max() == 0  # the black padding frame
