@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_model_mode_rows(tiny_sdxl, capsys):
-    rows = model_rows(str(tiny_sdxl.root), [1, 2, 4], steps=5, warmup_steps=1)
-    assert [r["n"] for r in rows] == [1, 2, 4]
+    # n = 2 only (CI time); the VAE counts at n = 4: test_vae_exchange_three_counts_agree
+    rows = model_rows(str(tiny_sdxl.root), [1, 2], steps=5, warmup_steps=1)
+    assert [r["n"] for r in rows] == [1, 2]
     one, *parallel = rows
     assert one["exchanged_elements"] == 0 and one["state_bytes"] == 0
     assert one["compile_and_first_steps_seconds"] > one["median_step_seconds"] > 0

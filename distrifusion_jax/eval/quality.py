@@ -181,8 +181,8 @@ def exchanged_bytes(pipe, h: int, w: int) -> float:
     from distrifusion_jax.eval.benchmark_model import cond_shapes
     from distrifusion_jax.parallel.cost import step_cost
 
-    if pipe.parallel.patches == 1:
-        return 0.0
+    if pipe.parallel.patches == 1 or pipe.parallel.mode == "naive_patch":
+        return 0.0  # naive patches exchange nothing
     f = pipe.vae_scale_factor
     lat = jax.ShapeDtypeStruct((1, h // f, w // f, pipe.unet.config.in_channels), np.float32)
     return step_cost(

@@ -58,3 +58,20 @@ def test_bytes_plot_and_row(tmp_path):
     ref = np.zeros((2, 8, 8, 3), np.uint8)
     written = plot_quality(result, {}, ref, tmp_path, [0])
     assert "quality_vs_bytes.png" in written and (tmp_path / "quality_vs_bytes.png").stat().st_size
+
+
+def test_exchanged_bytes_by_mode_and_codec(tiny_sdxl):
+    """The study's bytes column: 0 on one device and for naive patches (any split), the
+    displaced step's count otherwise, smaller with a codec."""
+    from distrifusion_jax.eval.quality import exchanged_bytes
+    from distrifusion_jax.parallel import ParallelConfig
+    from distrifusion_jax.pipeline import DistriSDXLPipeline
+
+    def bytes_of(**kw):
+        pipe = DistriSDXLPipeline.from_pretrained(tiny_sdxl.root, parallel=ParallelConfig(**kw))
+        return exchanged_bytes(pipe, 64, 64)
+
+    assert bytes_of(patches=1) == 0.0
+    assert bytes_of(patches=2, mode="naive_patch", naive_split="alternate") == 0.0
+    plain, coded = bytes_of(patches=2), bytes_of(patches=2, compress="int8")
+    assert plain > coded > 0
