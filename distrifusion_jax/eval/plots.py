@@ -103,8 +103,9 @@ def plot_scaling(res: dict, path: Path) -> None:
     ax.set_xticks(range(len(runs)), names, rotation=20, ha="right", fontsize=8)
     ax.set(
         ylabel="median step (s)",
-        title=f"1 vs 2 processes on this CPU, {res['height']}x"
-        f"{res['width']}, one core each (label: speedup vs 1 process)",
+        title=f"1 vs 2 processes on this CPU, {res['height']}x{res['width']}, one core each"
+        + (f", loopback at {res['link_rate']}" if res.get("link_rate") else "")
+        + "\n(label: speedup vs 1 process)",
     )
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()

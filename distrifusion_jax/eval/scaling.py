@@ -55,7 +55,9 @@ class ScalingOptions:
         return self.warmup_steps + 2 + self.repeats
 
 
-TC_QDISC = ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "RATE", "burst", "64kb",
+# The bucket must hold one packet: lo's MTU is 64 KiB, so with `burst 64kb` a full-size
+# packet never fits, is dropped forever and TCP (Gloo's collectives) times out.
+TC_QDISC = ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "RATE", "burst", "256kb",
             "latency", "50ms"]  # fmt: skip
 
 
