@@ -34,6 +34,14 @@ def cond_shapes(pipe: DistriSDXLPipeline, h: int, w: int, prompt: str = PROMPT) 
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), cond)
 
 
+def step_shapes(pipe: DistriSDXLPipeline, h: int, w: int) -> tuple[jax.ShapeDtypeStruct, dict]:
+    """Abstract UNet inputs of one prompt at h x w pixels: the latent `[1, h/f, w/f, C]` (fp32)
+    and `cond_shapes`, for `parallel.cost.step_cost`."""
+    f = pipe.vae_scale_factor
+    lat = jax.ShapeDtypeStruct((1, h // f, w // f, pipe.unet.config.in_channels), np.float32)
+    return lat, cond_shapes(pipe, h, w)
+
+
 def vae_rows(pipe: DistriSDXLPipeline, h: int, w: int) -> dict[str, dict]:
     """{"encode": .., "decode": ..}: `parallel.cost.vae_cost` of one image at h x w pixels on
     the pipeline's row bands (the encode reads `[1, h, w, 3]` pixels, the decode writes them)."""
@@ -76,9 +84,7 @@ def model_rows(
         pipe = DistriSDXLPipeline.from_pretrained(model, parallel=pc)
         h = height or pipe.default_size
         w = width or pipe.default_size
-        f = pipe.vae_scale_factor
-        lat = jax.ShapeDtypeStruct((1, h // f, w // f, pipe.unet.config.in_channels), np.float32)
-        c = step_cost(pipe.unet, pipe.unet_params, pc, lat, cond_shapes(pipe, h, w), compile=True)
+        c = step_cost(pipe.unet, pipe.unet_params, pc, *step_shapes(pipe, h, w), compile=True)
         base = c.flops if base is None else base
         kw = {
             "height": h,

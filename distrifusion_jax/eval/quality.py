@@ -176,17 +176,13 @@ def generate(
 def exchanged_bytes(pipe, h: int, w: int) -> float:
     """Bytes one interior device receives in one displaced step of the pipeline's UNet (one
     prompt with CFG; `parallel.cost.step_cost`'s jaxpr count, by the dtype actually sent)."""
-    import jax
-
-    from distrifusion_jax.eval.benchmark_model import cond_shapes
+    from distrifusion_jax.eval.benchmark_model import step_shapes
     from distrifusion_jax.parallel.cost import step_cost
 
     if pipe.parallel.patches == 1 or pipe.parallel.mode == "naive_patch":
         return 0.0  # naive patches exchange nothing
-    f = pipe.vae_scale_factor
-    lat = jax.ShapeDtypeStruct((1, h // f, w // f, pipe.unet.config.in_channels), np.float32)
     return step_cost(
-        pipe.unet, pipe.unet_params, pipe.parallel, lat, cond_shapes(pipe, h, w)
+        pipe.unet, pipe.unet_params, pipe.parallel, *step_shapes(pipe, h, w)
     ).exchanged_bytes
 
 

@@ -180,7 +180,7 @@ def scaling_cost(opts: ScalingOptions) -> dict[str, dict]:
     """Per-device FLOPs and exchange of one step, per mode (abstract shapes, nothing runs)."""
     import jax
 
-    from distrifusion_jax.eval.benchmark_model import cond_shapes
+    from distrifusion_jax.eval.benchmark_model import step_shapes
     from distrifusion_jax.parallel import ParallelConfig
     from distrifusion_jax.parallel.cost import step_cost
     from distrifusion_jax.pipeline import DistriSDXLPipeline
@@ -188,9 +188,7 @@ def scaling_cost(opts: ScalingOptions) -> dict[str, dict]:
     h, w = opts.height, opts.width
     pipe = DistriSDXLPipeline.from_pretrained(opts.model, parallel=ParallelConfig(patches=1))
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), pipe.unet_params)
-    f = pipe.vae_scale_factor  # h, w are pixels; the UNet sees the latent
-    lat = jax.ShapeDtypeStruct((1, h // f, w // f, pipe.unet.config.in_channels), np.float32)
-    cond = cond_shapes(pipe, h, w)
+    lat, cond = step_shapes(pipe, h, w)  # h, w are pixels; the UNet sees the latent
     out = {}
     for n, mode in [(1, "corrected_async_gn")] + [(2, m) for m in opts.modes]:
         pc = ParallelConfig(patches=n, **mode_fields(mode))
