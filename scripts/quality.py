@@ -26,8 +26,13 @@ w = 4) n = 2, 4, 8; the compressed exchange (corrected_async_gn, w = 4, n = 8) w
 `CODECS`: bf16, fp8, int8, int4 and residual+int8/int4/int2 (error feedback), with the bytes one
 device receives per displaced step (jaxpr count, by the dtype sent); img2img (strength 0.6 from
 the class's s-th Fashion-MNIST test image, posterior mean) n = 2, 4, 8, compared with the
-single-device img2img images. Text-to-image configurations run the whole set as one batch (one
-compile each); img2img runs one image per call.
+single-device img2img images; ControlNet (the shipped Canny ControlNet, `--controlnet`, scale 1,
+conditioned on the Canny edges of the same test images) n = 2, 4, 8, compared with the
+single-device ControlNet images, and the edge F1 (`eval/edges.py`) of every ControlNet image
+against its conditioning edges, beside that of the plain single-device images (same prompts and
+noise, no ControlNet): whether the ControlNet controls, and whether that survives patch
+parallelism. Text-to-image configurations run the whole set as one batch (one compile each);
+img2img and ControlNet run one image per call.
 
 The study's code is in distrifusion_jax/eval/ (quality.py, metrics.py, classifier.py, plots.py).
 
@@ -46,15 +51,20 @@ JSON schema (quality.json):
   "reference": {"name": "single", "class_accuracy": float | null, "seconds": float},
   "reference_img2img": {"name": "single-img2img", "strength": float, "inputs": str,
                         "class_accuracy": float | null, "seconds": float},  # with img2img rows
+  "reference_controlnet": {"name": "single-controlnet", "controlnet": str, "inputs": str,
+                          "class_accuracy": float | null, "seconds": float,
+                          "edge_f1": EDGES, "edge_f1_without_controlnet": EDGES},
+      # EDGES (eval/edges.edge_scores): {"f1_tol0", "f1_tol0_std", "precision_tol0",
+      #   "recall_tol0", "per_image_f1_tol0": [float], and the same for tol1}
   "configs": [{
       "name": str,                    # e.g. "corrected-n8", "warmup-w0-n8", "naive_row-n8"
       "mode": str, "n": int, "warmup_steps": int | null (null for naive_patch),
       "naive_split": str | null,
       "groups": [str],                # "n", "warmup", "gn", "naive", "exact", "pcpp",
-                                      # "compress", "img2img"
+                                      # "compress", "img2img", "controlnet"
       "pcpp": float | null,           # PCPP portion p (null: DistriFusion attention)
       "compress": str | null,         # exchange codec (null: uncompressed)
-      "task": "txt2img" | "img2img",  # img2img rows compare with reference_img2img
+      "task": "txt2img" | "img2img" | "controlnet",  # compared with that task's reference
       "exchanged_bytes_per_step": float,  # received by one device in one (displaced) step
       "psnr_mean": float | null,      # mean over images that differ (dB); null if all equal
       "psnr_std": float | null,
@@ -64,6 +74,7 @@ JSON schema (quality.json):
       "max_abs_diff": int,            # largest |pixel difference| (0..255) over the whole set
       "class_agreement": float | null, "class_accuracy": float | null,
       "per_image": {"psnr": [float | null], "ssim": [float], "lpips": [float]},
+      "edge_f1": EDGES,               # controlnet rows only
       "seconds": float                # load + compile + generate + decode (no speed meaning)
   }, ...],
   "seconds_total": float
@@ -84,11 +95,13 @@ from distrifusion_jax.eval.quality import (
     STRENGTH,
     agreement,
     config_row,
+    control_reference,
     default_configs,
     fixed_pairs,
     generate,
+    print_table,
 )
-from distrifusion_jax.tiny import MODEL_DIR
+from distrifusion_jax.tiny import CONTROLNET_DIR, MODEL_DIR
 from distrifusion_jax.tiny.fashion_mnist import PROMPTS, class_test_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +121,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", default=None, help="names to run (default: all)")
     p.add_argument("--lpips-size", type=int, default=64)
     p.add_argument(
+        "--controlnet", default=str(CONTROLNET_DIR), help="Canny ControlNet of the controlnet rows"
+    )
+    p.add_argument(
         "--grid-pairs",
         type=int,
         nargs="+",
@@ -118,43 +134,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="default OUT_DIR/quality.json")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
-
-
-def print_table(result: dict) -> None:
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
-    head = (
-        f"{'config':<22} {'mode':<21} {'n':>2} {'w':>2} {'PSNR dB':>8} {'SSIM':>6} "
-        f"{'LPIPS':>6} {'ident':>5} {'max|d|':>6} {'cls=ref':>7} {'cls=prm':>7} {'MB/st':>6} "
-        f"{'sec':>5}"
-    )
-    print(head)
-    print("-" * len(head))
-    ref = result["reference"]
-    agree = None if ref["class_accuracy"] is None else 1.0
-    print(
-        f"{'single':<22} {'(reference)':<21} {1:>2} {'-':>2} {'inf':>8} {1:>6.3f} {0:>6.3f} "
-        f"{len(result['pairs']):>5} {0:>6} {f(agree, '.2f'):>7} "
-        f"{f(ref['class_accuracy'], '.2f'):>7} {0:>6.2f} {ref['seconds']:>5.0f}"
-    )
-    for c in result["configs"]:
-        psnr = f(c["psnr_mean"], ".2f") if c["n_identical"] < len(result["pairs"]) else "inf"
-        mode = c["mode"] + (f"/{c['naive_split']}" if c["naive_split"] else "")
-        mode += f"/{c['compress']}" if c["compress"] else ""
-        print(
-            f"{c['name']:<22} {mode:<21} {c['n']:>2} {f(c['warmup_steps'], 'd'):>2} {psnr:>8} "
-            f"{c['ssim_mean']:>6.3f} {c['lpips_mean']:>6.3f} {c['n_identical']:>5} "
-            f"{c['max_abs_diff']:>6} {f(c['class_agreement'], '.2f'):>7} "
-            f"{f(c['class_accuracy'], '.2f'):>7} {c['exchanged_bytes_per_step'] / 1e6:>6.2f} "
-            f"{c['seconds']:>5.0f}"
-        )
-    print(
-        f"PSNR: mean over images that differ (ident = bit-identical images); LPIPS AlexNet at "
-        f"{result['lpips']['input_size']} px; cls=ref / cls=prm: classifier agrees with the "
-        f"single-device image / with the prompt; MB/st: received per device per step "
-        f"(img2img rows: vs the single-device img2img images). Total {result['seconds_total']:.0f} s."
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = [c for c in default_configs(args.cpu_devices) if c.n <= args.cpu_devices]
+    if not Path(args.controlnet).is_dir():
+        print(f"no ControlNet at {args.controlnet}: controlnet rows skipped", file=sys.stderr)
+        configs = [c for c in configs if c.task != "controlnet"]
     if args.configs:
         unknown = set(args.configs) - {c.name for c in configs}
         if unknown:
@@ -213,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         ref_i, ref_i_s, _, _ = generate(args.model, single, pairs, **sampling, images=inputs)
         refs["img2img"] = (ref_i, classify(ref_i), ref_i_s)
         print(f"single device img2img: {ref_i_s:.0f} s", file=sys.stderr)
+    if any(c.task == "controlnet" for c in configs):
+        from distrifusion_jax.eval.edges import canny_edges, edge_image, edge_scores
+
+        # pair (class prompt k, seed s): the Canny edges of class k's s-th test image
+        edges = canny_edges(class_test_images([(PROMPTS.index(p), s) for p, s in pairs], h))
+        control = (args.controlnet, edge_image(edges, h))
+        ref_c, ref_c_s, _, _ = generate(args.model, single, pairs, **sampling, control=control)
+        refs["controlnet"] = (ref_c, classify(ref_c), ref_c_s)
+        print(f"single device with ControlNet: {ref_c_s:.0f} s", file=sys.stderr)
     ref_cls = refs["txt2img"][1]
     result = {
         "schema": "distrifusion-jax/quality/v1",
@@ -246,18 +237,23 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": refs["img2img"][2],
             "class_accuracy": agreement(refs["img2img"][1], prompt_cls),
         }
+    if "controlnet" in refs:
+        result["reference_controlnet"] = control_reference(args.controlnet, refs, edges, prompt_cls)
     images = {}
     for cfg in configs:
         base, base_cls, _ = refs[cfg.task]
         task_inputs = inputs if cfg.task == "img2img" else None
+        task_control = control if cfg.task == "controlnet" else None
         img, secs, _, nbytes = generate(
-            args.model, cfg.parallel(), pairs, **sampling, images=task_inputs
+            args.model, cfg.parallel(), pairs, **sampling, images=task_inputs, control=task_control
         )
         images[cfg.name] = img
         per = image_metrics(base, img, lpips)
         row = config_row(
             cfg, per, summarize(per, base, img), classify(img), base_cls, prompt_cls, secs, nbytes
         )
+        if cfg.task == "controlnet":
+            row["edge_f1"] = edge_scores(img, edges)
         result["configs"].append(row)
         print(
             f"{cfg.name}: PSNR {row['psnr_mean']} SSIM {row['ssim_mean']:.3f} "

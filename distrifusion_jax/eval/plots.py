@@ -231,10 +231,13 @@ def plot_quality(
         f"img2img (strength {STRENGTH}), DistriFusion": [
             c for c in result["configs"] if "img2img" in c["groups"]
         ],
+        "ControlNet (Canny), DistriFusion": [
+            c for c in result["configs"] if "controlnet" in c["groups"]
+        ],
     }
     if any(series.values()):
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-        for (label, cs), style in zip(series.items(), ("o-", "s--", "^-.", "d:")):
+        for (label, cs), style in zip(series.items(), ("o-", "s--", "^-.", "d:", "v-")):
             cs = sorted(cs, key=lambda c: c["n"])
             if not cs:
                 continue

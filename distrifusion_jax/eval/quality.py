@@ -38,7 +38,8 @@ class QualityConfig:
     groups: tuple[str, ...] = ()  # "n", "warmup", "gn", "naive", "exact", "pcpp", ...
     pcpp: float | None = None
     compress: str | None = None  # codec of the displaced exchange (`parallel/codec.py`)
-    task: str = "txt2img"  # or "img2img" (compared with the single-device img2img images)
+    # or "img2img" / "controlnet": compared with the single-device images of the same task
+    task: str = "txt2img"
 
     def parallel(self) -> ParallelConfig:
         return ParallelConfig(
@@ -100,6 +101,11 @@ def default_configs(n_max: int = 8) -> list[QualityConfig]:
         C(f"img2img-corrected-n{n}", "corrected_async_gn", n, groups=("img2img",), task="img2img")
         for n in ns
     ]
+    cfgs += [
+        C(f"controlnet-corrected-n{n}", "corrected_async_gn", n, groups=("controlnet",),
+          task="controlnet")
+        for n in ns
+    ]  # fmt: skip
     return cfgs
 
 
@@ -125,6 +131,7 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     images: np.ndarray | None = None,
+    control: tuple[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, float, tuple[int, int], float]:
     """Images of one configuration.
 
@@ -132,6 +139,8 @@ def generate(
       images: None (text-to-image), or uint8 `[len(pairs), H, W, 3]` input images: img2img at
         `STRENGTH` from each (posterior mean, so every configuration starts from the same
         latents).
+      control: None, or (ControlNet folder, uint8 `[len(pairs), H, W, 3]` conditioning images,
+        one per pair): text-to-image under that ControlNet (scale 1).
     Returns:
       (uint8 `[len(pairs), H, W, 3]`, seconds for load + compile + generate + decode, (H, W),
        bytes one device receives in one step, the displaced one where the mode has it (jaxpr
@@ -152,30 +161,29 @@ def generate(
         "guidance_scale": guidance,
         "scheduler": scheduler,
     }
-    if images is None:
+    if images is None and control is None:
         out = pipe([p for p, _ in pairs], noise=noise, **kw)
-    else:  # the pipeline takes one input image per call
+    else:  # the pipeline takes one input (or conditioning) image per call
         from PIL import Image
 
-        out = [
-            im
-            for i, (prompt, _) in enumerate(pairs)
-            for im in pipe(
-                prompt,
-                noise=noise[i : i + 1],
-                image=Image.fromarray(images[i]),
-                strength=STRENGTH,
-                posterior="mean",
-                **kw,
-            )
-        ]
+        if control is not None:
+            pipe.load_controlnets([control[0]])
+        out = []
+        for i, (prompt, _) in enumerate(pairs):
+            if images is not None:
+                extra = {"image": Image.fromarray(images[i]), "strength": STRENGTH}
+                extra["posterior"] = "mean"
+            else:
+                extra = {"control_image": Image.fromarray(control[1][i])}
+            out += pipe(prompt, noise=noise[i : i + 1], **extra, **kw)
     seconds = time.perf_counter() - t0
     return np.stack([np.asarray(im) for im in out]), seconds, (h, w), exchanged_bytes(pipe, h, w)
 
 
 def exchanged_bytes(pipe, h: int, w: int) -> float:
-    """Bytes one interior device receives in one displaced step of the pipeline's UNet (one
-    prompt with CFG; `parallel.cost.step_cost`'s jaxpr count, by the dtype actually sent)."""
+    """Bytes one interior device receives in one displaced step of the pipeline's UNet and its
+    ControlNets (one prompt with CFG; `parallel.cost.step_cost`'s jaxpr count, by the dtype
+    actually sent)."""
     from distrifusion_jax.eval.benchmark_model import step_shapes
     from distrifusion_jax.parallel.cost import step_cost
 
@@ -226,3 +234,86 @@ def config_row(
         "per_image": per,
         "seconds": seconds,
     }
+
+
+def print_table(result: dict) -> None:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    head = (
+        f"{'config':<22} {'mode':<21} {'n':>2} {'w':>2} {'PSNR dB':>8} {'SSIM':>6} "
+        f"{'LPIPS':>6} {'ident':>5} {'max|d|':>6} {'cls=ref':>7} {'cls=prm':>7} {'MB/st':>6} "
+        f"{'sec':>5}"
+    )
+    print(head)
+    print("-" * len(head))
+    ref = result["reference"]
+    agree = None if ref["class_accuracy"] is None else 1.0
+    print(
+        f"{'single':<22} {'(reference)':<21} {1:>2} {'-':>2} {'inf':>8} {1:>6.3f} {0:>6.3f} "
+        f"{len(result['pairs']):>5} {0:>6} {f(agree, '.2f'):>7} "
+        f"{f(ref['class_accuracy'], '.2f'):>7} {0:>6.2f} {ref['seconds']:>5.0f}"
+    )
+    for c in result["configs"]:
+        psnr = f(c["psnr_mean"], ".2f") if c["n_identical"] < len(result["pairs"]) else "inf"
+        mode = c["mode"] + (f"/{c['naive_split']}" if c["naive_split"] else "")
+        mode += f"/{c['compress']}" if c["compress"] else ""
+        print(
+            f"{c['name']:<22} {mode:<21} {c['n']:>2} {f(c['warmup_steps'], 'd'):>2} {psnr:>8} "
+            f"{c['ssim_mean']:>6.3f} {c['lpips_mean']:>6.3f} {c['n_identical']:>5} "
+            f"{c['max_abs_diff']:>6} {f(c['class_agreement'], '.2f'):>7} "
+            f"{f(c['class_accuracy'], '.2f'):>7} {c['exchanged_bytes_per_step'] / 1e6:>6.2f} "
+            f"{c['seconds']:>5.0f}"
+        )
+    print(
+        f"PSNR: mean over images that differ (ident = bit-identical images); LPIPS AlexNet at "
+        f"{result['lpips']['input_size']} px; cls=ref / cls=prm: classifier agrees with the "
+        f"single-device image / with the prompt; MB/st: received per device per step "
+        f"(img2img / controlnet rows: vs the single-device img2img / ControlNet images). "
+        f"Total {result['seconds_total']:.0f} s."
+    )
+    ctl = result.get("reference_controlnet")
+    if ctl:
+        print_edge_table(ctl, [c for c in result["configs"] if "edge_f1" in c])
+
+
+def control_reference(controlnet: str, refs: dict, edges: np.ndarray, prompt_cls) -> dict:
+    """quality.json's "reference_controlnet": the single-device ControlNet images' edge F1
+    against their conditioning edges, and the plain text-to-image images' (same prompts and
+    noise, no ControlNet) against the same edges.
+
+    Args:
+      refs: task -> (uint8 images `[N, H, W, 3]`, classes or None, seconds), with "txt2img" and
+        "controlnet"; edges: bool `[N, s, s]` the conditioning edges.
+    """
+    from distrifusion_jax.eval.edges import edge_scores
+
+    images, classes, seconds = refs["controlnet"]
+    return {
+        "name": "single-controlnet",
+        "controlnet": controlnet,
+        "inputs": "Canny edges of Fashion-MNIST test images: pair (class k, seed s) takes class "
+        "k's s-th; conditioning scale 1",
+        "seconds": seconds,
+        "class_accuracy": agreement(classes, prompt_cls),
+        "edge_f1": edge_scores(images, edges),
+        "edge_f1_without_controlnet": edge_scores(refs["txt2img"][0], edges),
+    }
+
+
+def print_edge_table(ref: dict, rows: list[dict]) -> None:
+    """Edge F1 of the ControlNet images vs their conditioning edges (without, n = 1, rows)."""
+    from distrifusion_jax.eval.edges import TOLERANCES
+
+    head = f"{'edge F1 vs the control edges':<30}" + "".join(
+        f" {f'tol {t} px':>14}" for t in TOLERANCES
+    )
+    print(head)
+    print("-" * len(head))
+    lines = [("without ControlNet (n=1)", ref["edge_f1_without_controlnet"])]
+    lines += [("with ControlNet (n=1)", ref["edge_f1"])]
+    lines += [(f"with ControlNet {c['name']}", c["edge_f1"]) for c in rows]
+    for label, e in lines:
+        cells = "".join(f" {e[f'f1_tol{t}']:>7.3f} ±{e[f'f1_tol{t}_std']:.3f}" for t in TOLERANCES)
+        print(f"{label:<30}{cells}")
+    print("Canny edges at 32x32 px; F1 matches edge pixels within the tolerance (Chebyshev).")

@@ -75,3 +75,32 @@ def test_exchanged_bytes_by_mode_and_codec(tiny_sdxl):
     assert bytes_of(patches=2, mode="naive_patch", naive_split="alternate") == 0.0
     plain, coded = bytes_of(patches=2), bytes_of(patches=2, compress="int8")
     assert plain > coded > 0
+
+
+@pytest.mark.parametrize("n_max", [2, 8])
+def test_controlnet_rows(n_max):
+    rows = [c for c in default_configs(n_max) if c.task == "controlnet"]
+    assert sorted(c.n for c in rows) == [n for n in (2, 4, 8) if n <= n_max]
+    assert all(c.mode == "corrected_async_gn" and "controlnet" in c.groups for c in rows)
+
+
+def test_control_reference_and_edge_table(capsys):
+    """The ControlNet reference scores its images and the plain ones against the same edges."""
+    pytest.importorskip("skimage")
+    from distrifusion_jax.eval.edges import canny_edges, edge_image
+    from distrifusion_jax.eval.quality import control_reference, print_edge_table
+
+    square = np.zeros((2, 64, 64, 3), np.uint8)
+    square[:, 16:48, 16:48] = 255
+    edges = canny_edges(square)
+    blank = np.zeros_like(square)
+    refs = {"controlnet": (square, None, 1.0), "txt2img": (blank, None, 1.0)}
+    ref = control_reference("cn", refs, edges, np.zeros(2))
+    assert ref["edge_f1"]["f1_tol0"] == 1.0
+    assert ref["edge_f1_without_controlnet"]["f1_tol1"] == 0.0
+    assert edge_image(edges, 64).shape == square.shape
+    json.dumps(ref)
+    row = {"name": "controlnet-corrected-n2", "edge_f1": ref["edge_f1"]}
+    print_edge_table(ref, [row])
+    out = capsys.readouterr().out
+    assert "without ControlNet" in out and "controlnet-corrected-n2" in out
