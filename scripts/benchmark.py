@@ -1,6 +1,7 @@
 """Benchmark DistriFusion steps: FLOPs, exchange, stale memory, latency; prints a table, writes JSON.
 
     python scripts/benchmark.py --sdxl-shapes                 # full SDXL, abstract shapes only
+    python scripts/benchmark.py --sdxl-shapes --controlnets   # the same with | without a ControlNet
     python scripts/benchmark.py --model distrifusion_jax/assets/tiny-sdxl --patches 1 2 4 8
     python scripts/benchmark.py --scaling --height 128 --repeats 8   # 1 vs 2 processes, pinned
     python scripts/benchmark.py --unet-vs-torch --sizes tiny,mid,full  # our UNet vs diffusers'
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="(--sdxl-shapes) also trace these compress codecs: bytes per codec; with n = 16 in "
         "--patches (--cpu-devices 16) a 2-node x 8-GPU projection",
     )
+    p.add_argument("--controlnets", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="(--sdxl-shapes) the step with K SDXL ControlNets (default 1) beside "
+                   "the plain UNet: FLOPs, exchange and stale bytes with | without")  # fmt: skip
     p.add_argument(
         "--inter-node-gbps", type=float, default=25.0, help="(--codecs) GB/s per GPU between nodes"
     )
@@ -96,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unet-repeats", type=int, default=3, help="(--unet-vs-torch) best of")
     p.add_argument("--target", nargs="+", default=None,
                    help="compile the displaced step for these accelerators without the devices "
-                   "(h200x8 h100x8 a100x8 v5e-8 v5p-8; needs .[aot]): memory and overlap")
+                   "(h200x8 h100x8 a100x8 v5e-8 v5p-8; needs .[aot]): memory and overlap")  # fmt: skip
     args = p.parse_args(argv)
     for flag, label in [("--mode", args.mode)] + [
         ("--scaling-modes", m) for m in args.scaling_modes
@@ -110,10 +114,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parse_compress(codec)
         except ValueError as e:
             p.error(f"--codecs: {e}")
+    if args.controlnets and args.codecs:
+        p.error("--controlnets and --codecs: run them apart")
     if args.json is None:
         flags = ["unet_vs_torch", "startup", "scaling", "sdxl_shapes"]
         name = next((f for f in flags if getattr(args, f)), "benchmark")
         name = "benchmark_sdxl_shapes" if name == "sdxl_shapes" else name
+        name += "_controlnet" if args.sdxl_shapes and args.controlnets else ""
         args.json = str(REPO / "results" / f"{name}.json")
     return args
 
@@ -193,6 +200,16 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_plots:
             plots.plot_scaling(res, out.with_suffix(".png"))
         print_scaling(res)
+        return 0
+    if args.sdxl_shapes and args.controlnets:  # with | without K ControlNets (issue 16)
+        from distrifusion_jax.eval.benchmark_controlnet import controlnet_rows, print_table
+
+        rows = controlnet_rows(args.resolutions, args.patches, args.mode, args.pcpp,
+                               args.controlnets)  # fmt: skip
+        write_json(args.json, {"kind": "sdxl_shapes_controlnet", "mode": args.mode,
+                               "pcpp": args.pcpp, "controlnets": args.controlnets, "rows": rows,
+                               "seconds_total": time.perf_counter() - t0})  # fmt: skip
+        print_table(rows)
         return 0
     if args.sdxl_shapes:
         from distrifusion_jax.eval.benchmark_sdxl import (

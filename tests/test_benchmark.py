@@ -151,3 +151,32 @@ def test_two_node_projection():
     assert not none["compute_bound"] and int4["compute_bound"]
     assert int4["speedup_vs_1"] == pytest.approx(1 / 0.07)
     assert none["compute_ms"] == pytest.approx(compute * 1e3)
+
+
+def test_controlnet_rows(capsys):
+    """`--sdxl-shapes --controlnets` on tiny configs: rows with | without a ControlNet, n = 1, 2;
+    the ControlNet adds FLOPs, exchange (jaxpr = formula) and stale state; the table prints."""
+    import jax.numpy as jnp
+
+    from distrifusion_jax.eval.benchmark_controlnet import controlnet_rows, print_table
+    from distrifusion_jax.models import UNetConfig
+    from distrifusion_jax.models.controlnet_config import ControlNetConfig
+    from tests.controlnet_fixtures import TINY_SDXL_CONTROLNET_CONFIG
+    from tests.tiny import TINY_SDXL_UNET_CONFIG
+
+    rows = controlnet_rows(
+        [64], [2], unet=UNetConfig.from_diffusers(dict(TINY_SDXL_UNET_CONFIG)),
+        controlnet=ControlNetConfig.from_diffusers(TINY_SDXL_CONTROLNET_CONFIG), dtype=jnp.float32,
+    )  # fmt: skip
+    assert [(r["resolution"], r["n"], r["controlnets"]) for r in rows] == [(64, 1, 1), (64, 2, 1)]
+    one, two = rows
+    assert (
+        one["with"]["exchanged_elements"] == 0 and one["with_over_without"]["state_bytes"] is None
+    )
+    assert one["with"]["flops_ratio_vs_1"] == 1 and one["with_over_without"]["flops"] > 1
+    for key in ("flops", "exchanged_bytes", "state_bytes"):
+        assert two["with_over_without"][key] > 1, key
+    for v in (two["without"], two["with"]):
+        assert sum(v["analytic_elements"].values()) == v["exchanged_elements"] > 0
+    print_table(rows)
+    assert "with 1 ControlNet" in capsys.readouterr().out

@@ -16,7 +16,7 @@ from distrifusion_jax.io.checkpoint import load_component
 from distrifusion_jax.io.keys import convert_tensors, flatten
 from distrifusion_jax.models import UNet2DConditionModel, UNetConfig, sdxl_base
 from distrifusion_jax.models.controlnet import ControlNetModel
-from distrifusion_jax.models.controlnet_config import ControlNetConfig
+from distrifusion_jax.models.controlnet_config import ControlNetConfig, sdxl_controlnet
 from tests.controlnet_fixtures import (
     TINY_SD15_CONTROLNET_CONFIG,
     TINY_SDXL_CONTROLNET_CONFIG,
@@ -192,6 +192,17 @@ def _sdxl_controlnet() -> ControlNetConfig:
     keys = {f for f in ControlNetConfig().to_dict()}
     base = {k: v for k, v in sdxl_base().to_dict().items() if k in keys}
     return ControlNetConfig(**base)
+
+
+def test_sdxl_controlnet_preset():
+    """`sdxl_controlnet()` (the benchmark's abstract shapes) is the SDXL base trunk, as
+    `ControlNetModel.from_unet`: controlnet-canny-sdxl-1.0's 1.25B parameters."""
+    from distrifusion_jax.io.components import COMPONENTS
+
+    assert sdxl_controlnet() == _sdxl_controlnet()
+    target = COMPONENTS["controlnet"].target(ControlNetModel(sdxl_controlnet()))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(target))
+    assert n_params == 1_251_014_160  # diffusers' count (test_full_size_sdxl_keys_...)
 
 
 def test_full_size_sdxl_keys_match_diffusers():

@@ -3,6 +3,11 @@
 Elements are counted as received by one interior device per step, the original's unit
 (distrifuser Table 2): `all_gather` of s local elements over n devices receives (n-1)*s;
 a `ppermute` receives its operand; `psum` over n devices moves 2(n-1)/n * s (ring).
+
+A collective that repeats an earlier one (same primitive and parameters on a structurally equal
+operand) counts once: XLA's common-subexpression elimination merges the two before they run.
+That happens to the latent's halo rows, which the UNet's and every ControlNet's exact `conv_in`
+each exchange in a `ControlledUNet`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ def exchanged(jaxpr, axis_sizes: Mapping[str, int]) -> dict[str, dict[str, Any]]
     """
     totals: dict[str, Counter] = {}
     dtypes: dict[str, Counter] = {}
+    ids: dict = {}  # `_cse_key` -> a small int (so keys of keys stay shallow to hash)
 
     def add(kind, elements, nbytes, dtype):
         c = totals.setdefault(kind, Counter())
@@ -54,8 +60,18 @@ def exchanged(jaxpr, axis_sizes: Mapping[str, int]) -> dict[str, dict[str, Any]]
         c["calls"] += 1
         dtypes.setdefault(kind, Counter())[str(dtype)] += nbytes
 
-    def walk(jx):
+    def ref(keys, v):  # what an equation reads: a value's key, an input, or a literal
+        return keys.get(v, v) if isinstance(v, core.Var) else ("literal", repr(v))
+
+    def walk(jx, keys):
         for eqn in jx.eqns:
+            key = _cse_key(eqn, [ref(keys, v) for v in eqn.invars])
+            if key is not None:
+                repeat = key in ids
+                k = ids.setdefault(key, len(ids))
+                keys.update({v: (k, i) for i, v in enumerate(eqn.outvars)})
+                if repeat:  # XLA merges it with the first one: nothing more runs
+                    continue
             name = eqn.primitive.name
             if name in ("ppermute", "all_gather", "psum"):
                 axes = eqn.params.get("axis_name", eqn.params.get("axes"))
@@ -65,11 +81,37 @@ def exchanged(jaxpr, axis_sizes: Mapping[str, int]) -> dict[str, dict[str, Any]]
                     size, nb = math.prod(v.aval.shape), _nbytes(v.aval)
                     factor = {"ppermute": 1, "all_gather": n - 1, "psum": 2 * (n - 1) / n}[name]
                     add(label, size * factor, nb * factor, v.aval.dtype)
-            for sub in sub_jaxprs(eqn):
-                walk(sub)
+            subs = list(sub_jaxprs(eqn))
+            for sub in subs:
+                inner = {}
+                if name in _CALLS and len(subs) == 1 and len(sub.invars) == len(eqn.invars):
+                    inner = {a: ref(keys, b) for a, b in zip(sub.invars, eqn.invars)}
+                walk(sub, inner)
+                if inner and len(sub.outvars) == len(eqn.outvars):  # the call's results
+                    keys.update({a: ref(inner, b) for a, b in zip(eqn.outvars, sub.outvars)})
 
-    walk(jaxpr)
+    walk(jaxpr, {})
     return {k: {**v, "by_dtype": dict(dtypes[k])} for k, v in totals.items()}
+
+
+# Call-like primitives whose body's inputs are the equation's inputs, one to one (unlike loops).
+_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "shard_map", "custom_jvp_call",
+                    "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint"})  # fmt: skip
+
+
+def _cse_key(eqn, in_keys: list) -> tuple | None:
+    """A hashable key equal for equations that compute the same values (same primitive,
+    parameters and input keys); None where a parameter is not hashable or the equation has
+    effects (never merged)."""
+    if eqn.effects:
+        return None
+    try:
+        params = tuple(sorted(eqn.params.items(), key=lambda kv: kv[0]))
+        key = (eqn.primitive.name, params, tuple(in_keys))
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def bytes_by_dtype(kinds: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

@@ -6,6 +6,7 @@ exchanged elements from the step's jaxpr (`comm.exchanged`), stale-state bytes f
 the step is compiled too: the collectives XLA actually emits are counted from the compiled HLO
 (`compiled_exchange`) and its memory analysis gives the peak bytes per device. Beside them,
 `analytic_exchange` applies the algorithm's formulas to the shapes each parallel layer sees.
+A `ControlledUNet`'s step is costed with its ControlNets (`step_cost(..., control=images)`).
 """
 
 from __future__ import annotations
@@ -57,26 +58,36 @@ def step_cost(
     cond: dict[str, jax.ShapeDtypeStruct],
     devices=None,
     compile: bool = False,
+    control: tuple[jax.ShapeDtypeStruct, ...] | None = None,
 ) -> StepCost:
     """Cost of the displaced step of `parallel` (the synchronous step when n = 1).
 
     Args:
-      model: the UNet module.
+      model: the UNet module (a `ControlledUNet` when `control` is given).
       params: param tree (arrays or `jax.ShapeDtypeStruct`s).
       latents: `[B, H, W, C]` shape.
-      cond: conditioning shapes with a leading `[G, B]`.
+      cond: conditioning shapes with a leading `[G, B]`; with `control`, `control_scales`
+        `[G, B, K]` is added (fp32) unless given.
       devices: devices for the mesh (fake CPU devices suffice: nothing is executed).
       compile: also compile the step, for `compiled_exchange` and the peak bytes (slow at
         full SDXL size).
+      control: the K ControlNets' conditioning images, one `[B, H*f, W*f, C_k]` each (split by
+        rows like the latents): their ControlNets run in the step and are costed with it.
     """
     mesh = make_mesh(parallel, devices)
     t = jax.ShapeDtypeStruct((), jnp.float32)
     g = jax.ShapeDtypeStruct((), jnp.float32)
+    if control is not None:
+        control = tuple(control)
+        scales = jax.ShapeDtypeStruct(
+            cond["encoder_hidden_states"].shape[:2] + (len(control),), jnp.float32
+        )  # [G, B, K]
+        cond = {"control_scales": scales, **cond}
     sync = make_step(model, parallel, mesh, displaced=False)
-    state = state_shapes(sync, params, {}, latents, t, cond, g)
+    state = state_shapes(sync, params, {}, latents, t, cond, g, control)
     displaced = parallel.context(displaced=True) is not None
     step = make_step(model, parallel, mesh, displaced=displaced) if displaced else sync
-    args = (params, state if displaced else {}, latents, t, cond, g)
+    args = (params, state if displaced else {}, latents, t, cond, g, control)
     lowered = step.lower(*args)
     flops = _flops(lowered)
     kinds = exchanged(jax.make_jaxpr(step)(*args).jaxpr, dict(mesh.shape))
@@ -143,9 +154,11 @@ def analytic_exchange(step, args) -> dict[str, float]:
     (|k| + |v|)` for local `k, v` `[B, L/n, C]` (under PCPP, in a displaced step, r tokens of K
     and V from each of the two neighbours, `2 * r * B * 2C`); GroupNorm receives the other
     bands' moments `(n - 1) * 2 * B * G`. A layer that exchanges nothing in this step's mode
-    counts zero.
+    counts zero. Exact convs that read the same input (the latent, in the `conv_in` of a UNet
+    and of each of its ControlNets) send the same rows: they count once, as XLA merges them.
     """
     counts: Counter = Counter()
+    exact_inputs: dict[tuple, Any] = {}  # (id of the input, halo rows, dtype) -> the input
 
     def record(next_fun, fargs, kwargs, context):
         m = context.module
@@ -156,7 +169,11 @@ def analytic_exchange(step, args) -> dict[str, float]:
         if isinstance(m, PatchConv) and m.kernel_size > 1 and (sends or m.exact):
             b, h, w, c = fargs[0].shape
             above, below = halo_rows(m.kernel_size, m.stride, m.padding, h)
-            counts["conv halo rows"] += (above + below) * b * w * c
+            key = (id(fargs[0]), above, below, m.dtype)
+            if not (m.exact and key in exact_inputs):
+                counts["conv halo rows"] += (above + below) * b * w * c
+            if m.exact:
+                exact_inputs[key] = fargs[0]  # kept alive: its id stays its own
         elif isinstance(m, KVExchange) and sends:
             k, v = fargs[:2]
             if ctx.pcpp is not None and not ctx.sync_exchange:  # r tokens from each neighbour

@@ -1,5 +1,7 @@
 """The exchange counter agrees with the analytic per-layer model on the toy model."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -35,7 +37,9 @@ def test_three_counts_agree(toy):
     from distrifusion_jax.parallel.cost import step_cost
 
     model, params, x, cond = toy
-    p_s, x_s, c_s = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x, cond))
+    p_s, x_s, c_s = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x, cond)
+    )
     b, h, w = 4, x.shape[1], x.shape[2]
     for n, mode in [(4, "corrected_async_gn"), (2, "full_sync"), (4, "separate_gn")]:
         c = step_cost(model, p_s, ParallelConfig(patches=n, mode=mode), x_s, c_s, compile=True)
@@ -74,3 +78,31 @@ def test_compiled_exchange_parses_hlo():
     assert got["by_op"]["collective-permute"]["bytes"] == 2 * 32
     assert got["by_op"]["all-reduce"]["elements"] == 2 * 1 / 2 * 10
     assert got["calls"] == 3
+
+
+def test_repeated_collective_counts_once():
+    """Two equal exchanges of the same rows (as the UNet's and a ControlNet's `conv_in` send the
+    latent's halo) count once, as XLA merges them; different rows count twice."""
+    from jax.sharding import PartitionSpec as P
+
+    from distrifusion_jax.parallel.cost import compiled_exchange
+    from distrifusion_jax.parallel.mesh import shard
+
+    pc = ParallelConfig(patches=4)
+    mesh = make_mesh(pc)
+    perm = [(i, (i + 1) % 4) for i in range(4)]
+
+    def body(x, twice_same):
+        a = jax.lax.ppermute(x[:, :1], "patch", perm)
+        b = jax.lax.ppermute(x[:, :1] if twice_same else x[:, -1:], "patch", perm)
+        return x + a.sum() + b.sum()
+
+    x = jax.ShapeDtypeStruct((2, 16, 8, 4), jnp.float32)
+    for same, expected in [(True, 2 * 8 * 4), (False, 2 * 2 * 8 * 4)]:
+        spec = P(None, "patch")
+        fn = jax.jit(
+            shard(functools.partial(body, twice_same=same), mesh, in_specs=(spec,), out_specs=spec)
+        )
+        got = exchanged(jax.make_jaxpr(fn)(x).jaxpr, dict(mesh.shape))
+        assert got["ppermute@patch"]["elements"] == expected, same
+        assert compiled_exchange(fn.lower(x).compile().as_text())["elements"] == expected, same
