@@ -159,6 +159,14 @@ def prepare(
         guided,
         guess_mode,
     )
+    model, params = controlled_model(unet, unet_params, controlnets, guess_mode)
+    return ControlInputs(model, params, scales, arrays)
+
+
+def controlled_model(
+    unet: Any, unet_params: Any, controlnets: Sequence[ControlNet], guess_mode: bool = False
+) -> tuple[ControlledUNet, dict]:
+    """The `ControlledUNet` of a UNet and its ControlNets (the UNet's dtypes) and its params."""
     model = ControlledUNet(
         unet.config,
         tuple(net.module.config for net in controlnets),
@@ -166,5 +174,4 @@ def prepare(
         dtype=unet.dtype,
         param_dtype=unet.param_dtype,
     )
-    params = controlled_params(unet_params, [net.params for net in controlnets])
-    return ControlInputs(model, params, scales, arrays)
+    return model, controlled_params(unet_params, [net.params for net in controlnets])

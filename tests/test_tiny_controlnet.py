@@ -111,3 +111,17 @@ def test_controlnet_follows_edges_of_unseen_images():
     # measured: with 0.816, without 0.671 (tolerance 1 px at 32 px)
     print(f"edge F1 tol 1: with {with_cn['f1_tol1']:.3f}, without {without['f1_tol1']:.3f}")
     assert with_cn["f1_tol1"] > without["f1_tol1"] + MIN_F1_GAIN
+
+
+def test_study_counts_the_controlnets_exchange():
+    """quality.py's bytes column: a ControlNet's halos and K,V on top of the UNet's."""
+    from distrifusion_jax.eval.quality import exchanged_bytes
+    from distrifusion_jax.parallel import ParallelConfig
+    from distrifusion_jax.pipeline import DistriSDXLPipeline
+
+    pipe = DistriSDXLPipeline.from_pretrained(MODEL_DIR, parallel=ParallelConfig(patches=2))
+    plain = exchanged_bytes(pipe, RES, RES)
+    pipe.load_controlnets([CONTROLNET_DIR])
+    with_cn = exchanged_bytes(pipe, RES, RES)
+    # the ControlNet is the UNet's encoder and mid block: more than a third again, less than 2x
+    assert plain * 1.3 < with_cn < 2 * plain

@@ -189,8 +189,19 @@ def exchanged_bytes(pipe, h: int, w: int) -> float:
 
     if pipe.parallel.patches == 1 or pipe.parallel.mode == "naive_patch":
         return 0.0  # naive patches exchange nothing
+    model, params, control = pipe.unet, pipe.unet_params, None
+    if pipe.controlnets:
+        import jax
+
+        from distrifusion_jax.control import controlled_model
+
+        model, params = controlled_model(pipe.unet, pipe.unet_params, pipe.controlnets)
+        control = tuple(
+            jax.ShapeDtypeStruct((1, h, w, net.module.config.conditioning_channels), np.float32)
+            for net in pipe.controlnets
+        )  # [1, H, W, C_k] pixels
     return step_cost(
-        pipe.unet, pipe.unet_params, pipe.parallel, *step_shapes(pipe, h, w)
+        model, params, pipe.parallel, *step_shapes(pipe, h, w), control=control
     ).exchanged_bytes
 
 
