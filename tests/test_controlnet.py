@@ -188,7 +188,8 @@ def test_load_component_from_diffusers_folder(tmp_path):
 
 
 def _sdxl_controlnet() -> ControlNetConfig:
-    """diffusers/controlnet-canny-sdxl-1.0's config: the SDXL base trunk, 8x embedding."""
+    """diffusers/controlnet-canny-sdxl-1.0's config: the SDXL base trunk, 8x embedding (the
+    fields both configs have, from the UNet's dict: independent of `from_unet`)."""
     keys = {f for f in ControlNetConfig().to_dict()}
     base = {k: v for k, v in sdxl_base().to_dict().items() if k in keys}
     return ControlNetConfig(**base)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from distrifusion_jax.models.unet_config import DiffusersConfig, UNetConfig, _tuplify
+from distrifusion_jax.models.unet_config import DiffusersConfig, UNetConfig, _tuplify, sdxl_base
 
 CONTROLNET_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
 CHANNEL_ORDERS = ("rgb", "bgr")
@@ -88,6 +88,15 @@ class ControlNetConfig(DiffusersConfig):
             raise _unsupported("conditioning_embedding_out_channels", emb, "a tuple of ints")
         self.as_unet()  # the trunk's own checks (block types, heads, groups, lengths)
 
+    @classmethod
+    def from_unet(cls, unet: UNetConfig, **kw: Any) -> ControlNetConfig:
+        """diffusers' `ControlNetModel.from_unet`: every field the two configs share (the
+        trunk: blocks, channels, attention, embeddings) from `unet`, the rest default, then
+        `kw` (e.g. `conditioning_embedding_out_channels`)."""
+        unet_fields = {f.name for f in dataclasses.fields(unet)}
+        shared = {f.name for f in dataclasses.fields(cls) if f.name in unet_fields}
+        return cls(**{**{k: getattr(unet, k) for k in shared}, **kw})
+
     # ---- derived ----------------------------------------------------------------------
 
     def as_unet(self) -> UNetConfig:
@@ -147,25 +156,4 @@ def sdxl_controlnet() -> ControlNetConfig:
     """diffusers/controlnet-canny-sdxl-1.0 `config.json`: the SDXL base UNet's encoder and mid
     block (as diffusers' `ControlNetModel.from_unet(sdxl_base)`), an 8x conditioning embedding;
     1.25B parameters."""
-    return ControlNetConfig(
-        in_channels=4,
-        conditioning_channels=3,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        block_out_channels=(320, 640, 1280),
-        layers_per_block=2,
-        norm_num_groups=32,
-        norm_eps=1e-5,
-        cross_attention_dim=2048,
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20),  # heads (diffusers' naming quirk): head dim 64
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,  # 6*256 (time_ids) + 1280 (pooled text)
-        upcast_attention=None,  # as published
-        conditioning_embedding_out_channels=(16, 32, 96, 256),
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        act_fn="silu",
-    )
+    return ControlNetConfig.from_unet(sdxl_base())

@@ -28,6 +28,7 @@ from distrifusion_jax.eval.edges import SIGMA, edge_image
 from distrifusion_jax.models.controlled_unet import ControlledUNet, controlled_params
 from distrifusion_jax.models.controlnet import ControlNetModel
 from distrifusion_jax.models.controlnet_config import ControlNetConfig
+from distrifusion_jax.models.unet_config import UNetConfig
 from distrifusion_jax.tiny.configs import (
     DIFFUSERS_VERSION,
     RES,
@@ -36,23 +37,17 @@ from distrifusion_jax.tiny.configs import (
     UNET_CONFIG,
 )
 from distrifusion_jax.tiny.fashion_mnist import CLASSES
-from distrifusion_jax.tiny.train import training_alphas_cumprod
+from distrifusion_jax.tiny.train import noised, training_alphas_cumprod, update_with_ema
 
 Log = Callable[[str], None]
 
-# UNet config keys the ControlNet's trunk shares (diffusers `ControlNetModel.from_unet`).
-SHARED_KEYS = (
-    "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type",
-    "block_out_channels", "layers_per_block", "norm_num_groups", "cross_attention_dim",
-    "transformer_layers_per_block", "attention_head_dim", "use_linear_projection",
-    "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
-)  # fmt: skip
-# The conditioning embedding downsamples 2x, the tiny VAE's factor (published SD/SDXL: 8x).
-CONTROLNET_CONFIG: dict[str, Any] = {
-    **{k: UNET_CONFIG[k] for k in SHARED_KEYS},
-    "conditioning_channels": 3,
-    "conditioning_embedding_out_channels": [8, 16],
-}
+# The UNet's trunk (diffusers `ControlNetModel.from_unet`); the conditioning embedding
+# downsamples 2x, the tiny VAE's factor (published SD/SDXL: 8x).
+CONTROLNET_CONFIG: dict[str, Any] = ControlNetConfig.from_unet(
+    UNetConfig.from_diffusers(UNET_CONFIG),
+    conditioning_channels=3,
+    conditioning_embedding_out_channels=(8, 16),
+).to_diffusers()
 # UNet param subtrees the ControlNet copies; those it zero-initialises.
 TRUNK = ("conv_in", "time_embedding", "add_embedding", "down_blocks_", "mid_block")
 ZEROED = ("controlnet_down_blocks_", "controlnet_mid_block")
@@ -145,13 +140,8 @@ def train_controlnet(
     def step(params, state, ema, xb, cb, yb, i):
         key = jax.random.fold_in(jax.random.key(seed + 2), i)
         k_noise, k_t, k_drop = jax.random.split(key, 3)
-        t = jax.random.randint(k_t, (b,), 0, len(ac))
-        noise = jax.random.normal(k_noise, xb.shape)
-        a = ac[t][:, None, None, None]
-        xt = jnp.sqrt(a) * xb + jnp.sqrt(1 - a) * noise
+        t, noise, xt, w = noised(k_noise, k_t, xb, ac)
         cond = jnp.where(jax.random.uniform(k_drop, (b,)) < opts.empty_prompt, len(CLASSES), yb)
-        snr = a[:, 0, 0, 0] / (1 - a[:, 0, 0, 0])
-        w = jnp.minimum(snr, 5.0) / snr
         added = {"text_embeds": pooled[cond], "time_ids": time_ids}
         control = {"images": (cb,), "scales": jnp.ones((b, 1))}
 
@@ -162,10 +152,7 @@ def train_controlnet(
             return jnp.mean(w * per), jnp.mean(per)
 
         (loss, mse), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        u, state = opt.update(g, state, params)
-        params = optax.apply_updates(params, u)
-        d = jnp.minimum(opts.ema, (1.0 + i) / (10.0 + i))
-        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+        params, state, ema = update_with_ema(opt, g, state, params, ema, opts.ema, i)
         return params, state, ema, loss, mse
 
     rng = np.random.default_rng(seed + 3)

@@ -370,6 +370,27 @@ def separate_prompts(
 # ---- UNet -------------------------------------------------------------------------------
 
 
+def noised(k_noise: jax.Array, k_t: jax.Array, x0: jax.Array, ac: jax.Array):
+    """One batch of the epsilon objective: timesteps t ~ U{0, T-1} `[b]`, Gaussian noise like
+    `x0` `[b, h, w, c]`, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, and min-SNR-5 loss weights
+    `[b]` (Hang et al. 2023, epsilon form: min(SNR, 5) / SNR). `ac`: alpha-bar `[T]`."""
+    t = jax.random.randint(k_t, (x0.shape[0],), 0, len(ac))
+    noise = jax.random.normal(k_noise, x0.shape)
+    a = ac[t][:, None, None, None]
+    xt = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
+    snr = a[:, 0, 0, 0] / (1 - a[:, 0, 0, 0])
+    return t, noise, xt, jnp.minimum(snr, 5.0) / snr
+
+
+def update_with_ema(opt, grads, state, params, ema, decay: float, i: jax.Array):
+    """An optax step, then the EMA of the weights (decay warmed up as (1 + i) / (10 + i))."""
+    u, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, u)
+    d = jnp.minimum(decay, (1.0 + i) / (10.0 + i))
+    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+    return params, state, ema
+
+
 def train_unet(
     unet,
     embeds,
@@ -413,16 +434,11 @@ def train_unet(
     def step(params, state, ema, xb, yb, i):
         key = jax.random.fold_in(jax.random.key(seed + 1), i)
         k_noise, k_t, k_drop = jax.random.split(key, 3)
-        t = jax.random.randint(k_t, (b,), 0, len(ac))
-        noise = jax.random.normal(k_noise, xb.shape)
-        a = ac[t][:, None, None, None]
-        xt = jnp.sqrt(a) * xb + jnp.sqrt(1 - a) * noise
+        t, noise, xt, w = noised(k_noise, k_t, xb, ac)
         u = jax.random.uniform(k_drop, (b,))
         cond = jnp.where(u < 0.05, len(CLASSES), yb)  # 5%: the empty prompt ""
         keep = (u >= 0.05) & (u < 0.10)  # 5%: zero embeddings (force_zeros_for_empty_prompt)
         scale = jnp.where(keep, 0.0, 1.0)
-        snr = a[:, 0, 0, 0] / (1 - a[:, 0, 0, 0])
-        w = jnp.minimum(snr, 5.0) / snr  # min-SNR-5 for epsilon (Hang et al. 2023)
 
         ctx = embeds[cond] * scale[:, None, None]  # [b, 77, 64]
         added = {"text_embeds": pooled[cond] * scale[:, None], "time_ids": time_ids}
@@ -433,10 +449,7 @@ def train_unet(
             return jnp.mean(w * per), jnp.mean(per)
 
         (loss, mse), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        u_, state = opt.update(g, state, params)
-        params = optax.apply_updates(params, u_)
-        d = jnp.minimum(opts.ema, (1.0 + i) / (10.0 + i))
-        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+        params, state, ema = update_with_ema(opt, g, state, params, ema, opts.ema, i)
         return params, state, ema, loss, mse
 
     rng = np.random.default_rng(seed)
