@@ -79,7 +79,8 @@ def init_from_unet(module: ControlNetModel, unet_params: dict, seed: int = 0) ->
     cfg = module.config
     f = cfg.conditioning_factor
     x = jnp.zeros((1, 8, 8, cfg.in_channels))
-    added = {"text_embeds": jnp.zeros((1, 32)), "time_ids": jnp.zeros((1, 6))}
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    added = {"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, 6))}
     params = module.init(
         jax.random.key(seed),
         x,
