@@ -3,6 +3,7 @@ memory and overlap.
 
     python -m distrifusion_jax.aot --targets h200x8 h100x8 --resolutions 1024 2048 3840
     python -m distrifusion_jax.aot --targets h200x8 --resolutions 512 --layers 1,1,1 --json -
+    python -m distrifusion_jax.aot --targets h200x8 --resolutions 1024 --controlnets 1
 
 Needs the target's XLA plugin importable: `pip install ".[aot]"` (GPU), `jax[tpu]` (TPU).
 Prints a table (and `--json` rows; `-` for stdout); `--timeline PNG` draws the first row's step.
@@ -32,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", default=DEFAULT_MODE, choices=MODES)
     p.add_argument("--pcpp", type=float, default=None)
     p.add_argument("--fused-exchange", action="store_true")
+    p.add_argument("--controlnets", type=int, default=0, metavar="K",
+                   help="the step with K SDXL ControlNets (controlnet-canny-sdxl-1.0 shapes)")  # fmt: skip
     p.add_argument("--steps", type=int, default=50, help="(sampler) sampling steps")
     p.add_argument("--json", default=None, help="write the rows as JSON here ('-': stdout)")
     p.add_argument("--timeline", default=None, help="PNG of the first row's step")
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from distrifusion_jax.aot.report import aot_rows, plot_timeline, print_aot_table
     from distrifusion_jax.models import sdxl_base
+    from distrifusion_jax.models.controlnet_config import ControlNetConfig
     from distrifusion_jax.parallel import ParallelConfig
     from distrifusion_jax.sampling.schedulers import SDXL_SCHEDULER_CONFIG
 
@@ -49,13 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers:
         layers = tuple(int(x) for x in args.layers.split(","))
         config = dataclasses.replace(config, transformer_layers_per_block=layers)
+    controlnets = (ControlNetConfig.from_unet(config),) * args.controlnets  # SDXL's: its trunk
     parallel = ParallelConfig(
         patches=8, mode=args.mode, pcpp=args.pcpp, fused_exchange=args.fused_exchange
     )
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     rows, overlaps = aot_rows(
         args.targets, args.resolutions, config, parallel, tuple(args.programs),
-        SDXL_SCHEDULER_CONFIG, args.steps, log,
+        SDXL_SCHEDULER_CONFIG, args.steps, log, controlnets,
     )  # fmt: skip
     if args.json == "-":
         print(json.dumps(rows))

@@ -24,6 +24,9 @@ from distrifusion_jax.aot import hlo
 from distrifusion_jax.aot.overlap import Target, latency_profile
 from distrifusion_jax.io.components import COMPONENTS
 from distrifusion_jax.models import UNet2DConditionModel
+from distrifusion_jax.models.controlled_unet import ControlledUNet, controlled_params
+from distrifusion_jax.models.controlnet import ControlNetModel
+from distrifusion_jax.models.controlnet_config import ControlNetConfig
 from distrifusion_jax.models.unet_config import UNetConfig
 from distrifusion_jax.parallel import ParallelConfig
 from distrifusion_jax.parallel.mesh import make_mesh
@@ -51,10 +54,18 @@ def target_devices(target: Target) -> list:
     return list(topo.devices)
 
 
-def abstract_unet(config: UNetConfig, dtype=jnp.bfloat16) -> tuple[UNet2DConditionModel, Any]:
-    """The UNet module and its parameter shapes (`jax.eval_shape`: no memory)."""
+def abstract_unet(
+    config: UNetConfig, dtype=jnp.bfloat16, controlnets: tuple[ControlNetConfig, ...] = ()
+) -> tuple[Any, Any]:
+    """The UNet module and its parameter shapes (`jax.eval_shape`: no memory); with
+    `controlnets`, the `ControlledUNet` of the UNet and those ControlNets."""
     model = UNet2DConditionModel(config, dtype=dtype, param_dtype=dtype)
-    return model, COMPONENTS["unet"].target(model)
+    params = COMPONENTS["unet"].target(model)
+    if not controlnets:
+        return model, params
+    nets = [ControlNetModel(c, dtype=dtype, param_dtype=dtype) for c in controlnets]
+    params = controlled_params(params, [COMPONENTS["controlnet"].target(m) for m in nets])
+    return ControlledUNet(config, tuple(controlnets), dtype=dtype, param_dtype=dtype), params
 
 
 def _placed(tree, mesh, spec):
@@ -65,7 +76,8 @@ def _placed(tree, mesh, spec):
 def abstract_inputs(
     model: UNet2DConditionModel, parallel: ParallelConfig, mesh, resolution: int, batch: int = 1
 ) -> tuple[jax.ShapeDtypeStruct, dict[str, jax.ShapeDtypeStruct]]:
-    """Latents `[B, H/8, W/8, C]` (fp32) and CFG conditioning `[2, B, ...]` for a square image."""
+    """Latents `[B, H/8, W/8, C]` (fp32) and CFG conditioning `[2, B, ...]` for a square image
+    (with a `ControlledUNet`'s K ControlNets, `control_scales` `[2, B, K]` too)."""
     cfg = model.config
     h = resolution // 8
     latents = jax.ShapeDtypeStruct((batch, h, h, cfg.in_channels), jnp.float32)
@@ -78,7 +90,21 @@ def abstract_inputs(
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         cond["text_embeds"] = jax.ShapeDtypeStruct((2, batch, pooled), model.dtype)
         cond["time_ids"] = jax.ShapeDtypeStruct((2, batch, 6), jnp.float32)
+    k = len(getattr(model, "controlnets", ()))
+    if k:
+        cond["control_scales"] = jax.ShapeDtypeStruct((2, batch, k), jnp.float32)
     return _placed(latents, mesh, latent_spec("row")), _placed(cond, mesh, cond_spec(parallel))
+
+
+def abstract_control(model: Any, mesh, resolution: int, batch: int = 1) -> tuple | None:
+    """A `ControlledUNet`'s conditioning images, one `[B, res, res, C_k]` (model dtype) per
+    ControlNet, split by rows like the latents; None for a plain UNet."""
+    nets = getattr(model, "controlnets", ())
+    if not nets:
+        return None
+    shape = lambda c: (batch, resolution, resolution, c.conditioning_channels)
+    images = tuple(jax.ShapeDtypeStruct(shape(c), model.dtype) for c in nets)
+    return _placed(images, mesh, latent_spec("row"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +146,15 @@ def compile_step(
     mesh = make_mesh(parallel, devices)
     params = _placed(params, mesh, P())
     latents, cond = abstract_inputs(model, parallel, mesh, resolution, batch)
+    control = abstract_control(model, mesh, resolution, batch)
     scalar = _placed(jax.ShapeDtypeStruct((), jnp.float32), mesh, P())
     sync = make_step(model, parallel, mesh, displaced=False)
-    state = _placed(state_shapes(sync, params, {}, latents, scalar, cond, scalar), mesh, STATE_SPEC)
+    inputs = (latents, scalar, cond, scalar, control)
+    state = _placed(state_shapes(sync, params, {}, *inputs), mesh, STATE_SPEC)
     step = make_step(model, parallel, mesh, displaced=True, donate_state=True)
     t0 = time.perf_counter()
     with traced_for(_platform(target, devices)):
-        lowered = step.lower(params, state, latents, scalar, cond, scalar)
+        lowered = step.lower(params, state, *inputs)
     compiled = _compile(lowered, target, compiler_options)
     return Compiled("step", compiled, time.perf_counter() - t0)
 

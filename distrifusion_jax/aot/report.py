@@ -13,6 +13,7 @@ from distrifusion_jax.aot.compile import (
     target_devices,
 )
 from distrifusion_jax.aot.overlap import TARGETS, Overlap, analyze, busiest
+from distrifusion_jax.models.controlnet_config import ControlNetConfig
 from distrifusion_jax.models.unet_config import UNetConfig
 from distrifusion_jax.parallel import ParallelConfig
 
@@ -33,12 +34,16 @@ def aot_rows(
     scheduler_config: dict | None = None,
     steps: int = 50,
     log=print,
+    controlnets: tuple[ControlNetConfig, ...] = (),
 ) -> tuple[list[dict], dict]:
-    """Compile each program for each target and resolution; one row each.
+    """Compile each program for each target and resolution; one row each. With `controlnets`
+    the step is a `ControlledUNet`'s (the ControlNets run on the same bands; "step" only).
 
     Returns the rows and `{(target, resolution, program): Overlap}` for pictures.
     """
-    model, params = abstract_unet(config)
+    if controlnets and programs != ("step",):
+        raise ValueError("ControlNets are compiled in the step program only; drop 'sampler'.")
+    model, params = abstract_unet(config, controlnets=controlnets)
     rows, overlaps = [], {}
     for name in targets:
         target = TARGETS[name]
@@ -63,6 +68,7 @@ def aot_rows(
                         "n": pc.patches,
                         "mode": pc.mode,
                         "pcpp": pc.pcpp,
+                        "controlnets": len(controlnets),
                         "compile_s": c.compile_s,
                         **c.memory(),
                         **ov.summary(),

@@ -45,9 +45,15 @@ def compile_rows(plugin: Path, *extra: str) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def displaced(cuda_plugin) -> dict:
+    """The displaced step's row (corrected_async_gn, the small SDXL-layout UNet)."""
+    (row,) = compile_rows(cuda_plugin)
+    return row
+
+
 @pytest.mark.slow
-def test_displaced_exchange_hidden_full_sync_not(cuda_plugin):
-    (displaced,) = compile_rows(cuda_plugin)
+def test_displaced_exchange_hidden_full_sync_not(cuda_plugin, displaced):
     (exact,) = compile_rows(cuda_plugin, "--mode", "full_sync")
     kinds = displaced["collectives"]
     # one async collective per exchanged buffer: conv halos by permute, K,V and moments gathered
@@ -58,3 +64,17 @@ def test_displaced_exchange_hidden_full_sync_not(cuda_plugin):
     # not depend on it can hide it (measured 0.52 at this size), far less than displaced
     assert exact["hidden_fraction_simulated"] < displaced["hidden_fraction_simulated"] - 0.3
     assert displaced["peak_bytes"] > 0 and displaced["temp_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_controlnet_exchange_hidden_too(cuda_plugin, displaced):
+    """With a ControlNet on the same bands: its halos and K,V add collectives (and bytes), and
+    they are hidden as the UNet's are."""
+    (row,) = compile_rows(cuda_plugin, "--controlnets", "1")
+    assert row["controlnets"] == 1 and displaced["controlnets"] == 0
+    for kind in ("all-gather", "collective-permute"):
+        assert row["collectives"][kind] > displaced["collectives"][kind], kind
+    assert row["exchanged_mb"] > 1.3 * displaced["exchanged_mb"]
+    assert row["hidden_fraction_simulated"] >= 0.9, row
+    assert row["hidden_fraction_window"] >= 0.9, row
+    assert row["peak_bytes"] > displaced["peak_bytes"]
