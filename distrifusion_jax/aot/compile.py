@@ -97,13 +97,13 @@ def abstract_inputs(
 
 
 def abstract_control(model: Any, mesh, resolution: int, batch: int = 1) -> tuple | None:
-    """A `ControlledUNet`'s conditioning images, one `[B, res, res, C_k]` (model dtype) per
-    ControlNet, split by rows like the latents; None for a plain UNet."""
+    """A `ControlledUNet`'s conditioning images, one `[B, res, res, C_k]` fp32 (as the pipeline
+    passes them) per ControlNet, split by rows like the latents; None for a plain UNet."""
     nets = getattr(model, "controlnets", ())
     if not nets:
         return None
     shape = lambda c: (batch, resolution, resolution, c.conditioning_channels)
-    images = tuple(jax.ShapeDtypeStruct(shape(c), model.dtype) for c in nets)
+    images = tuple(jax.ShapeDtypeStruct(shape(c), jnp.float32) for c in nets)
     return _placed(images, mesh, latent_spec("row"))
 
 

@@ -248,6 +248,9 @@ def config_row(
 
 
 def print_table(result: dict) -> None:
+    """The study's table (one row per configuration of quality.json's `result`), then the
+    ControlNet edge-F1 table when there are ControlNet rows."""
+
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
