@@ -23,7 +23,8 @@
 `impl="auto"` picks by backend (`choose_impl`; the backend is `platform.trace_platform()` when the
 function is traced): "blocked" on CPU, else "chunked" when the logits of one call exceed
 `AUTO_CHUNK_BYTES` and "xla" below. The environment variable `DISTRIFUSION_ATTENTION`
-(`xla`, `chunked`, `blocked`) overrides "auto", for tests and before/after benchmarks.
+(`xla`, `chunked`, `blocked`) overrides "auto", for tests and before/after benchmarks;
+`platform.attention_traced_as(impl)` overrides both (cost counting traces "xla").
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from distrifusion_jax.platform import trace_platform
+from distrifusion_jax.platform import forced_attention, trace_platform
 
 IMPLS = ("auto", "xla", "chunked", "blocked")
 ENV = "DISTRIFUSION_ATTENTION"  # forces the implementation "auto" would pick
@@ -72,7 +73,11 @@ def attention(
     b, length, h, _ = q.shape
     s = k.shape[1]
     if impl == "auto":
-        impl = os.environ.get(ENV) or choose_impl(trace_platform(), 4 * b * h * length * s)
+        impl = (
+            forced_attention()
+            or os.environ.get(ENV)
+            or choose_impl(trace_platform(), 4 * b * h * length * s)
+        )
         if impl not in IMPLS[1:]:
             raise ValueError(f"{ENV}={impl!r}; choose one of {list(IMPLS[1:])}.")
     if impl == "blocked" and (mask is None or mask.shape[-2] == 1):

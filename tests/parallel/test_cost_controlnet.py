@@ -65,3 +65,31 @@ def test_each_controlnet_adds_the_same():
         one, two = getattr(c1, field) - getattr(c0, field), getattr(c2, field) - getattr(c1, field)
         assert one == two > 0, field
     assert c2.flops > c1.flops > c0.flops
+
+
+def test_flops_count_the_whole_attention(monkeypatch):
+    """`step_cost` counts attention as XLA's full op whatever kernel the platform would run:
+    the CPU's "blocked" kernel is a `lax.map` whose body XLA's cost analysis counts once."""
+    from distrifusion_jax.parallel.mesh import make_mesh
+    from distrifusion_jax.parallel.step import make_step
+
+    unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(TINY_SDXL_UNET_CONFIG)))
+    s = jax.ShapeDtypeStruct
+    lat = s((1, H, W, 4), jnp.float32)
+    cond = {
+        "encoder_hidden_states": s((2, 1, 7, TINY_SDXL_UNET_CONFIG["cross_attention_dim"]), jnp.float32),
+        "text_embeds": s((2, 1, TINY_SDXL_POOLED_DIM), jnp.float32),
+        "time_ids": s((2, 1, 6), jnp.float32),
+    }  # fmt: skip
+    params = COMPONENTS["unet"].target(unet)
+    pc = ParallelConfig(patches=1)
+    flops = {}
+    for impl in ("blocked", "xla"):
+        monkeypatch.setenv("DISTRIFUSION_ATTENTION", impl)
+        flops[impl] = step_cost(unet, params, pc, lat, cond).flops
+        step = make_step(unet, pc, make_mesh(pc), displaced=False)
+        t = s((), jnp.float32)
+        cost = step.lower(params, {}, lat, t, cond, t).cost_analysis()
+        flops[f"lowered {impl}"] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    assert flops["blocked"] == flops["xla"] == flops["lowered xla"]
+    assert flops["lowered blocked"] < flops["xla"]  # what the count was before
