@@ -20,9 +20,8 @@ from tests.tiny import TINY_SDXL_POOLED_DIM, TINY_SDXL_UNET_CONFIG
 N, H, W = 4, 16, 8  # row bands; latent rows and columns
 
 
-@functools.cache
-def cost(k: int, compile: bool = False) -> StepCost:
-    """The displaced step's cost at n = N: the plain UNet (k = 0) or with k ControlNets."""
+def abstract_unet() -> tuple:
+    """The tiny SDXL-style UNet, its abstract params, latent `[1, H, W, 4]` and CFG cond."""
     unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(TINY_SDXL_UNET_CONFIG)))
     s = jax.ShapeDtypeStruct
     lat = s((1, H, W, 4), jnp.float32)
@@ -31,7 +30,14 @@ def cost(k: int, compile: bool = False) -> StepCost:
         "text_embeds": s((2, 1, TINY_SDXL_POOLED_DIM), jnp.float32),
         "time_ids": s((2, 1, 6), jnp.float32),
     }  # fmt: skip
-    params = COMPONENTS["unet"].target(unet)
+    return unet, COMPONENTS["unet"].target(unet), lat, cond
+
+
+@functools.cache
+def cost(k: int, compile: bool = False) -> StepCost:
+    """The displaced step's cost at n = N: the plain UNet (k = 0) or with k ControlNets."""
+    unet, params, lat, cond = abstract_unet()
+    s = jax.ShapeDtypeStruct
     pc = ParallelConfig(patches=N)
     if k == 0:
         return step_cost(unet, params, pc, lat, cond, compile=compile)
@@ -73,15 +79,8 @@ def test_flops_count_the_whole_attention(monkeypatch):
     from distrifusion_jax.parallel.mesh import make_mesh
     from distrifusion_jax.parallel.step import make_step
 
-    unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(TINY_SDXL_UNET_CONFIG)))
+    unet, params, lat, cond = abstract_unet()
     s = jax.ShapeDtypeStruct
-    lat = s((1, H, W, 4), jnp.float32)
-    cond = {
-        "encoder_hidden_states": s((2, 1, 7, TINY_SDXL_UNET_CONFIG["cross_attention_dim"]), jnp.float32),
-        "text_embeds": s((2, 1, TINY_SDXL_POOLED_DIM), jnp.float32),
-        "time_ids": s((2, 1, 6), jnp.float32),
-    }  # fmt: skip
-    params = COMPONENTS["unet"].target(unet)
     pc = ParallelConfig(patches=1)
     flops = {}
     for impl in ("blocked", "xla"):
