@@ -13,6 +13,7 @@ from dataclasses import replace
 import jax
 import jax.numpy as jnp
 
+from distrifusion_jax.eval.benchmark_controlnet import cond_shapes
 from distrifusion_jax.eval.mode_labels import mode_fields
 from distrifusion_jax.io.components import COMPONENTS
 from distrifusion_jax.models import UNet2DConditionModel, sdxl_base
@@ -72,11 +73,7 @@ def sdxl_rows(
     rows = []
     for res in resolutions:
         lat = jax.ShapeDtypeStruct((1, res // 8, res // 8, 4), f32)
-        cond = {
-            "encoder_hidden_states": jax.ShapeDtypeStruct((2, 1, 77, 2048), f32),
-            "text_embeds": jax.ShapeDtypeStruct((2, 1, 1280), f32),
-            "time_ids": jax.ShapeDtypeStruct((2, 1, 6), f32),
-        }
+        cond = cond_shapes(model.config)  # the CFG pair [2, 1, ...]
         base = None
         for n in [1] + [k for k in patches if k > 1]:
             t0 = time.perf_counter()
